@@ -1,0 +1,159 @@
+"""Python configs with validated command-line overrides.
+
+A config is a Python file with `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision
+style); `arg` picks a variant, as in `configs/finetune.py:quick`. Overrides such as
+`--config.optim.lr=3e-5` may only touch keys the config already has and must keep their type;
+`validate` then checks ranges. Every refusal is a `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """An invalid config file, key or value; the message names the key."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:arg]` and returns its locked ConfigDict."""
+    path_str, _, arg = spec.partition(":")
+    path = pathlib.Path(path_str)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"kdjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg=None) function")
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:
+        raise ConfigError(f"{spec}: {e}") from None
+    config.lock()  # Unknown keys now raise instead of silently creating new fields.
+    return config
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # Let the type check below report it.
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, tuple) and not isinstance(value, tuple):
+        value = (value,)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Applies `key.path=value` overrides (the `--config.` prefix is optional).
+
+    Raises:
+      ConfigError: unknown key, or a value of the wrong type.
+    """
+    for item in overrides:
+        key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like --config.{key}=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} "
+                                  f"(in override {item!r})")
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            known = ", ".join(sorted(node.keys())) if isinstance(
+                node, ml_collections.ConfigDict) else ""
+            raise ConfigError(f"unknown config key {key!r}" + (f"; known here: {known}"
+                                                                if known else ""))
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"config key {key!r} is a section; set one of its fields")
+        value = _parse_value(text, current)
+        if current is not None and value is not None and type(value) is not type(current):
+            raise ConfigError(f"config key {key!r} expects {type(current).__name__}, "
+                              f"got {text!r}")
+        with node.unlocked():
+            node[leaf] = value
+    return config
+
+
+# (key, check, what the check demands). Keys a config lacks are skipped, so one table serves
+# every recipe.
+_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("optim.lr", lambda v: v > 0, "must be > 0"),
+    ("optim.warmup_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("optim.grad_clip", lambda v: v >= 0, "must be >= 0 (0 disables clipping)"),
+    ("optim.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "must be > 0"),
+    ("data.max_length", lambda v: 2 <= v <= 512, "must be in [2, 512]"),
+    ("data.batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("data.eval_batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("data.train_limit", lambda v: v >= 0, "must be >= 0 (0 = all)"),
+    ("data.dev_limit", lambda v: v >= 0, "must be >= 0 (0 = all)"),
+    ("data.text_columns", lambda v: len(v) in (0, 1, 2), "must name 1 or 2 columns"),
+    ("data.buckets", lambda v: all(b >= 1 for b in v), "must be positive lengths"),
+    ("model.dtype", lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
+    ("model.name", lambda v: bool(v), "must name a checkpoint"),
+    ("train.epochs", lambda v: v > 0, "must be > 0"),
+    ("train.max_steps", lambda v: v >= 0, "must be >= 0 (0 = from epochs)"),
+    ("train.log_every", lambda v: v >= 1, "must be >= 1"),
+    ("train.checkpoint_every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+    ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
+    ("train.num_devices", lambda v: v >= 0, "must be >= 0 (0 = all devices)"),
+]
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks value ranges and cross-field constraints.
+
+    Raises:
+      ConfigError: the first invalid value, naming its key.
+    """
+    for key, ok, demand in _RULES:
+        value = _get(config, key)
+        if value is _MISSING or value is None:
+            continue
+        try:
+            passed = ok(value)
+        except TypeError:
+            passed = False
+        if not passed:
+            raise ConfigError(f"config key {key!r} {demand}, got {value!r}")
+    buckets, max_length = _get(config, "data.buckets"), _get(config, "data.max_length")
+    if buckets not in (_MISSING, ()) and max_length is not _MISSING:
+        if max(buckets) < max_length:
+            raise ConfigError(f"config key 'data.buckets' must reach data.max_length "
+                              f"({max_length}), got {buckets!r}")
+    return config
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-able copy (saved with every run)."""
+    return config.to_dict()

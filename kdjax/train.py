@@ -1,0 +1,357 @@
+"""Training state, the pure jitted train/eval steps, and the fine-tuning loop.
+
+Steps live at module level over a `TrainState` pytree: `nnx.merge` the graph definition with the
+parameters inside the step, compute, return the new state. `make_train_step` jits them over the
+device mesh: batch split over the `data` axis, state replicated, state buffers donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable, Iterator
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from kdjax import checkpoint, config as config_lib, data, hf, metrics as metrics_lib, optim, sharding
+from kdjax.models.bert import BertClassifier
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything an update step changes, plus the static pieces it needs.
+
+    `graphdef` (the model's structure) and `tx` (the optimizer) are static: part of the jit cache
+    key, never traced, never checkpointed.
+    """
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation) -> "TrainState":
+        graphdef, params = nnx.split(model, nnx.Param)
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                   graphdef=graphdef, tx=tx)
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+    def arrays(self) -> dict:
+        """The checkpointed part."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+
+    def with_arrays(self, arrays: dict) -> "TrainState":
+        return self.replace(step=arrays["step"], params=arrays["params"],
+                            opt_state=arrays["opt_state"])
+
+
+def _model_inputs(batch: dict) -> tuple:
+    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy in float32; rows with label -1 (padding) give 0."""
+    per_example = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.maximum(labels, 0))
+    return jnp.where(labels >= 0, per_example, 0.0)
+
+
+def weighted_sums(per_example_loss: jax.Array, logits: jax.Array, batch: dict) -> dict:
+    """Metrics as sums with a count, so averages stay right across batches and devices."""
+    w = batch["weights"]
+    return {
+        "loss_sum": jnp.sum(per_example_loss * w),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w),
+        "count": jnp.sum(w),
+    }
+
+
+def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array,
+               ) -> tuple[TrainState, dict]:
+    """One supervised fine-tuning update on a (global) batch.
+
+    Args:
+      state: current state (donated by the jitted version).
+      batch: input_ids, attention_mask, token_type_ids [B, L]; labels, weights [B].
+      dropout_base_key: the run's key; the step's dropout key is derived from it and the step
+        number, so a resumed run draws the same dropout masks.
+
+    Returns:
+      (new state, metric sums for this step).
+    """
+    dropout_key = jax.random.fold_in(dropout_base_key, state.step)
+
+    def loss_fn(params):
+        model = nnx.merge(state.graphdef, params)
+        logits = model(*_model_inputs(batch), dropout_key=dropout_key).logits
+        per_example = classification_loss(logits, batch["labels"])
+        loss = jnp.sum(per_example * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1)
+        return loss, (per_example, logits)
+
+    (_, (per_example, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step_metrics = weighted_sums(per_example, logits, batch)
+    step_metrics["grad_norm"] = optax.global_norm(grads)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+
+
+def predict_step(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array:
+    """Deterministic float32 logits [B, num_labels]."""
+    return nnx.merge(graphdef, params)(*_model_inputs(batch)).logits
+
+
+def make_train_step(mesh: Mesh, step_fn: Callable = train_step) -> Callable:
+    """`step_fn` jitted over `mesh`: batch split over `data`, state replicated and donated."""
+    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, split, rep), out_shardings=(rep, rep),
+                   donate_argnums=0)
+
+
+def make_predict_step(mesh: Mesh) -> Callable:
+    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(predict_step, static_argnums=0, in_shardings=(rep, split),
+                   out_shardings=split)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
+            batcher: data.Batcher, mesh: Mesh) -> tuple[np.ndarray, float]:
+    """Logits for every example of `batcher`'s split, in the split's order, and examples/s."""
+    logits = np.zeros((len(batcher.split), 0), np.float32)
+    start = time.perf_counter()
+    pending = []
+    for batch in batcher.epoch(0):
+        out = predict_fn(graphdef, params, sharding.shard_batch(batch, mesh))
+        pending.append((batch["example_index"], out))
+    for index, out in pending:  # One sync at the end instead of one per batch.
+        out = np.asarray(jax.device_get(out))
+        if logits.shape[1] == 0:
+            logits = np.zeros((len(batcher.split), out.shape[1]), np.float32)
+        real = index >= 0
+        logits[index[real]] = out[real]
+    seconds = time.perf_counter() - start
+    return logits, len(batcher.split) / max(seconds, 1e-9)
+
+
+def evaluate(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
+             split: data.EncodedSplit, num_labels: int, batch_size: int, buckets, mesh: Mesh,
+             ) -> dict[str, float]:
+    """Accuracy (F1 / macro-F1), mean loss and examples/s on a labelled split."""
+    batcher = data.Batcher(split, batch_size, buckets=buckets, shuffle=False)
+    logits, examples_per_s = predict(predict_fn, graphdef, params, batcher, mesh)
+    labels = split.labels
+    log_probs = jax.nn.log_softmax(jnp.asarray(logits), -1)
+    loss = -float(jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], 1)))
+    result = metrics_lib.classification_metrics(logits.argmax(-1), labels, num_labels)
+    return {**result, "loss": loss, "examples_per_s": examples_per_s, "examples": len(labels)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The fine-tuning loop
+
+
+@dataclasses.dataclass
+class TaskInputs:
+    """A task's tokenised splits plus what is needed to rebuild and save models for it."""
+
+    task: data.TaskData
+    tokenizer: Any
+    checkpoint_dir: pathlib.Path
+    train: data.EncodedSplit
+    dev: data.EncodedSplit
+    buckets: tuple[int, ...]
+
+
+def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
+    """Loads the task named by `config.data` and tokenises it with `config.model.name`'s tokenizer.
+    """
+    import transformers
+
+    cfg = config.data
+    ckpt_dir = hf.resolve_checkpoint(config.model.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt_dir))
+    task = data.load_task(cfg.task, train_file=cfg.train_file, dev_file=cfg.dev_file,
+                          text_columns=tuple(cfg.text_columns), label_column=cfg.label_column)
+    train = data.encode(task.splits["train"], tokenizer, cfg.max_length)
+    dev = data.encode(task.splits["dev"], tokenizer, cfg.max_length)
+    if cfg.train_limit and cfg.train_limit < len(train):
+        # A fixed, seeded subset, so "the first N" does not depend on file order.
+        keep = np.random.default_rng(cfg.subset_seed).permutation(len(train))[:cfg.train_limit]
+        train = train.subset(np.sort(keep))
+    if cfg.dev_limit and cfg.dev_limit < len(dev):
+        dev = dev.subset(np.arange(cfg.dev_limit))
+    buckets = tuple(cfg.buckets) or data.default_buckets(cfg.max_length)
+    return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets)
+
+
+def total_train_steps(config: ml_collections.ConfigDict, batches_per_epoch: int) -> int:
+    if config.train.max_steps:
+        return config.train.max_steps
+    return max(1, math.ceil(config.train.epochs * batches_per_epoch))
+
+
+def _batches_from(batcher: data.Batcher, step: int) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) pairs for global step `step` onwards, epoch after epoch."""
+    epoch, index = divmod(step, batcher.num_batches)
+    while True:
+        for batch in batcher.epoch(epoch, start=index):
+            yield epoch, batch
+        epoch, index = epoch + 1, 0
+
+
+class _IntervalMetrics:
+    """Collects per-step metric arrays on device; fetches them only when asked (log interval)."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, dict]] = []
+        self.since = time.perf_counter()
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> dict | None:
+        """Summarises pending steps; raises TrainingDiverged naming the first bad step."""
+        if not self.pending:
+            return None
+        host = jax.device_get([m for _, m in self.pending])
+        for (step, _), m in zip(self.pending, host):
+            if not np.isfinite(m["loss_sum"]) or not np.isfinite(m["grad_norm"]):
+                raise TrainingDiverged(f"loss became {m['loss_sum'] / max(m['count'], 1)} at "
+                                       f"step {step + 1}")
+        count = sum(float(m["count"]) for m in host)
+        seconds = time.perf_counter() - self.since
+        summary = {
+            "loss": sum(float(m["loss_sum"]) for m in host) / max(count, 1),
+            "accuracy": sum(float(m["correct"]) for m in host) / max(count, 1),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+            "examples_per_s": count / max(seconds, 1e-9),
+        }
+        self.pending, self.since = [], time.perf_counter()
+        return summary
+
+
+def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+              progress: bool = True) -> dict:
+    """Fine-tunes `config.model.name` on `config.data`'s task; resumes from `workdir` if a
+    checkpoint is there.
+
+    Writes to `workdir`: config.json (resolved config), metrics.jsonl, checkpoints/ (Orbax),
+    model/ (a Hugging Face directory with tokenizer and label map), eval.json.
+
+    Returns:
+      The final dev metrics plus timing: train_seconds, train_examples_per_s, steps.
+    """
+    from tqdm.auto import tqdm
+
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    mesh = sharding.make_mesh(config.train.num_devices)
+    sharding.check_batch_size(config.data.batch_size, mesh)
+    sharding.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+
+    inputs = prepare_task(config)
+    model, report, _ = hf.load_pretrained(str(inputs.checkpoint_dir),
+                                          num_labels=inputs.task.num_labels,
+                                          dtype=config.model.dtype, seed=config.train.seed)
+    print(report.summary(), flush=True)
+    batcher = data.Batcher(inputs.train, config.data.batch_size, buckets=inputs.buckets,
+                           shuffle=True, seed=config.train.seed)
+    total_steps = total_train_steps(config, batcher.num_batches)
+    tx = optim.make_optimizer(config.optim, total_steps)
+    lr_at = optim.warmup_linear_decay(config.optim.lr, total_steps, config.optim.warmup_ratio)
+    state = sharding.replicate(TrainState.create(model, tx), mesh)
+    del model
+    dropout_key = sharding.replicate(jax.random.key(config.train.seed), mesh)
+    step_fn = make_train_step(mesh)
+    predict_fn = make_predict_step(mesh)
+    log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
+
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        arrays, meta = ckpt.restore(state.arrays())
+        state = state.with_arrays(arrays)
+        start_step = int(meta["step"])
+        print(f"resumed from {ckpt.directory} at step {start_step} "
+              f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", flush=True)
+
+    def save(step: int) -> None:
+        epoch, index = divmod(step, batcher.num_batches)
+        ckpt.save(step, state.arrays(), {"step": step, "epoch": epoch, "batch_in_epoch": index,
+                                         "seed": config.train.seed, "total_steps": total_steps})
+
+    interval = _IntervalMetrics()
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    train_start = time.perf_counter()
+    examples_seen = 0
+    step = start_step
+    try:
+        for epoch, batch in _batches_from(batcher, start_step):
+            if step >= total_steps:
+                break
+            state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
+            interval.add(step, step_metrics)
+            examples_seen += int(batch["weights"].sum())
+            step += 1
+            bar.update(1)
+            is_save = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
+            if step % config.train.log_every == 0 or is_save or step == total_steps:
+                # Flushing checks every pending step for NaN, so no bad state is ever saved.
+                summary = interval.flush()
+                summary["lr"] = float(lr_at(step))
+                summary["epoch"] = step / batcher.num_batches
+                log.write(step, "train", summary)
+                bar.set_postfix(loss=f"{summary['loss']:.4f}",
+                                ex_s=f"{summary['examples_per_s']:.0f}")
+            if is_save:
+                save(step)
+    except TrainingDiverged as e:
+        bar.close()
+        ckpt.wait()
+        last = ckpt.latest_step()
+        where = (f"the last good checkpoint (step {last}) is in {ckpt.directory}"
+                 if last is not None else "no checkpoint had been saved yet")
+        raise TrainingDiverged(f"{e}; training stopped, {where}") from None
+    jax.block_until_ready(state.params)
+    train_seconds = time.perf_counter() - train_start
+    bar.close()
+    if ckpt.latest_step() != step:
+        save(step)
+    ckpt.close()
+
+    result = evaluate(predict_fn, state.graphdef, state.params, inputs.dev,
+                      inputs.task.num_labels, config.data.eval_batch_size, inputs.buckets, mesh)
+    result.update(steps=step, train_seconds=train_seconds,
+                  train_examples_per_s=examples_seen / max(train_seconds, 1e-9))
+    log.write(step, "dev", result)
+    hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.task.label_names,
+                       tokenizer=inputs.tokenizer,
+                       extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
+    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
