@@ -45,6 +45,7 @@ def get_config(arg=None):
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 1.0
     config.train.max_steps = 0  # 0 = run for `epochs`.
+    config.train.stop_after_steps = 0  # End this invocation after N steps (resume later); 0 = off.
     config.train.seed = 0
     config.train.log_every = 50
     config.train.checkpoint_every = 500  # 0 = only at the end.

@@ -16,10 +16,17 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def abstract_like(tree: Any) -> Any:
-    """Shape/dtype/sharding placeholders for restoring into arrays laid out like `tree`."""
+def abstract_like(tree: Any, default_sharding=None) -> Any:
+    """Shape/dtype/sharding placeholders for restoring into arrays laid out like `tree`.
+
+    Leaves without a sharding of their own (e.g. from `jax.eval_shape`) get `default_sharding`,
+    or a single-device placement when that is None.
+    """
+    if default_sharding is None:
+        default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default_sharding),
         tree)
 
 
@@ -56,6 +63,14 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON record of `step` (default: latest) without reading the arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

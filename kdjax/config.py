@@ -46,10 +46,13 @@ def _parse_value(text: str, current: Any) -> Any:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text  # Let the type check below report it.
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if isinstance(current, tuple) and not isinstance(value, tuple):
-        value = (value,)
+    if isinstance(current, tuple):
+        if isinstance(value, str):  # Bare words: `q1,q2` or `(q1,q2)`.
+            value = tuple(v.strip() for v in value.strip("()[]").split(",") if v.strip())
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif not isinstance(value, tuple):
+            value = (value,)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     return value
@@ -111,6 +114,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.name", lambda v: bool(v), "must name a checkpoint"),
     ("train.epochs", lambda v: v > 0, "must be > 0"),
     ("train.max_steps", lambda v: v >= 0, "must be >= 0 (0 = from epochs)"),
+    ("train.stop_after_steps", lambda v: v >= 0, "must be >= 0 (0 = off)"),
     ("train.log_every", lambda v: v >= 1, "must be >= 1"),
     ("train.checkpoint_every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),

@@ -201,6 +201,11 @@ def _label_names(raw_config: dict) -> list[str] | None:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
+def label_names_of(ckpt_dir: str | os.PathLike) -> list[str] | None:
+    """The label map saved in a checkpoint's config.json (None when it has none)."""
+    return _label_names(json.loads((pathlib.Path(ckpt_dir) / "config.json").read_text()))
+
+
 def load_pretrained(name_or_path: str, *, num_labels: int | None = None,
                     mlm_head: bool = False, dtype: str = "float32", seed: int = 0,
                     ) -> tuple[BertClassifier, LoadReport, dict]:
@@ -249,6 +254,12 @@ def load_pretrained(name_or_path: str, *, num_labels: int | None = None,
         array = np.asarray(tensors[hf_name], dtype=np.float32)
         if transpose:
             array = array.T
+        if hf_name.startswith("classifier.") and array.shape != variable.shape:
+            # A classifier for another label set: a new task gets a new head.
+            newly_initialized.append(
+                f"{hf_name} (checkpoint shape {tuple(tensors[hf_name].shape)})")
+            used.add(hf_name)  # Seen and deliberately replaced, not unused.
+            continue
         if array.shape != variable.shape:
             raise CheckpointError(
                 f"{ckpt_dir}: tensor {hf_name!r} has shape {tuple(tensors[hf_name].shape)}, "

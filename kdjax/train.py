@@ -110,7 +110,7 @@ def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array,
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step_metrics = weighted_sums(per_example, logits, batch)
-    step_metrics["grad_norm"] = optax.global_norm(grads)
+    step_metrics["grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
 
 
@@ -166,6 +166,26 @@ def evaluate(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
     loss = -float(jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], 1)))
     result = metrics_lib.classification_metrics(logits.argmax(-1), labels, num_labels)
     return {**result, "loss": loss, "examples_per_s": examples_per_s, "examples": len(labels)}
+
+
+def evaluate_saved_model(model_dir: str | pathlib.Path,
+                         config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Evaluates a saved Hugging Face classifier on `config.data`'s dev split, tokenised with the
+    model's own tokenizer."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.name = str(model_dir)
+    inputs = prepare_task(config)
+    model, _, _ = hf.load_pretrained(str(inputs.checkpoint_dir), dtype=config.model.dtype)
+    saved_labels = hf.label_names_of(inputs.checkpoint_dir)
+    if saved_labels is not None and saved_labels != inputs.task.label_names:
+        raise ValueError(f"{model_dir} was trained with labels {saved_labels}, but the task "
+                         f"{config.data.task!r} has labels {inputs.task.label_names}")
+    mesh = sharding.make_mesh(config.train.num_devices)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return evaluate(make_predict_step(mesh), graphdef, sharding.replicate(params, mesh),
+                    inputs.dev, inputs.task.num_labels, config.data.eval_batch_size,
+                    inputs.buckets, mesh)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +288,6 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
     mesh = sharding.make_mesh(config.train.num_devices)
     sharding.check_batch_size(config.data.batch_size, mesh)
     sharding.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
@@ -278,6 +297,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                                           num_labels=inputs.task.num_labels,
                                           dtype=config.model.dtype, seed=config.train.seed)
     print(report.summary(), flush=True)
+    _write_run_files(workdir, config, inputs.task.label_names)
     batcher = data.Batcher(inputs.train, config.data.batch_size, buckets=inputs.buckets,
                            shuffle=True, seed=config.train.seed)
     total_steps = total_train_steps(config, batcher.num_batches)
@@ -286,6 +306,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     state = sharding.replicate(TrainState.create(model, tx), mesh)
     del model
     dropout_key = sharding.replicate(jax.random.key(config.train.seed), mesh)
+    dropout_key_data = np.asarray(jax.random.key_data(dropout_key)).tolist()
     step_fn = make_train_step(mesh)
     predict_fn = make_predict_step(mesh)
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
@@ -294,6 +315,10 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     start_step = 0
     if ckpt.latest_step() is not None:
         arrays, meta = ckpt.restore(state.arrays())
+        if meta["dropout_key"] != dropout_key_data or meta["total_steps"] != total_steps:
+            raise ValueError(f"{ckpt.directory} holds a run with another seed or length "
+                             f"(total_steps {meta['total_steps']} vs {total_steps}); use a new "
+                             "--workdir or the original config")
         state = state.with_arrays(arrays)
         start_step = int(meta["step"])
         print(f"resumed from {ckpt.directory} at step {start_step} "
@@ -301,8 +326,11 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
     def save(step: int) -> None:
         epoch, index = divmod(step, batcher.num_batches)
+        # Each step's dropout key is fold_in(dropout_key, step): the base key and the step fix
+        # every future draw.
         ckpt.save(step, state.arrays(), {"step": step, "epoch": epoch, "batch_in_epoch": index,
-                                         "seed": config.train.seed, "total_steps": total_steps})
+                                         "seed": config.train.seed, "total_steps": total_steps,
+                                         "dropout_key": dropout_key_data})
 
     interval = _IntervalMetrics()
     bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress,
@@ -311,8 +339,12 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     examples_seen = 0
     step = start_step
     try:
+        # stop_after_steps ends this invocation early (a time-limited job); rerun to resume.
+        stop_at = total_steps
+        if config.train.stop_after_steps:
+            stop_at = min(total_steps, start_step + config.train.stop_after_steps)
         for epoch, batch in _batches_from(batcher, start_step):
-            if step >= total_steps:
+            if step >= stop_at:
                 break
             state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
             interval.add(step, step_metrics)
@@ -320,7 +352,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             step += 1
             bar.update(1)
             is_save = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
-            if step % config.train.log_every == 0 or is_save or step == total_steps:
+            if step % config.train.log_every == 0 or is_save or step == stop_at:
                 # Flushing checks every pending step for NaN, so no bad state is ever saved.
                 summary = interval.flush()
                 summary["lr"] = float(lr_at(step))
@@ -343,10 +375,14 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if ckpt.latest_step() != step:
         save(step)
     ckpt.close()
+    if step < total_steps:
+        print(f"stopped after step {step} of {total_steps} (train.stop_after_steps); run the "
+              f"same command again to resume", flush=True)
+        return {"steps": step, "train_seconds": train_seconds, "finished": False}
 
     result = evaluate(predict_fn, state.graphdef, state.params, inputs.dev,
                       inputs.task.num_labels, config.data.eval_batch_size, inputs.buckets, mesh)
-    result.update(steps=step, train_seconds=train_seconds,
+    result.update(steps=step, train_seconds=train_seconds, finished=True,
                   train_examples_per_s=examples_seen / max(train_seconds, 1e-9))
     log.write(step, "dev", result)
     hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.task.label_names,
@@ -355,3 +391,34 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
+
+
+def _write_run_files(workdir: pathlib.Path, config, label_names: list[str]) -> None:
+    """The resolved config and label map, which `load_run` needs to rebuild the model."""
+    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    (workdir / "labels.json").write_text(json.dumps(label_names) + "\n")
+
+
+def load_run(workdir: str | pathlib.Path, step: int | None = None,
+             ) -> tuple[BertClassifier, list[str], ml_collections.ConfigDict, int]:
+    """The model of a fine-tuning run's checkpoint (latest, or `step`).
+
+    Returns:
+      (model, label names, the run's config, the checkpoint's step).
+    """
+    workdir = pathlib.Path(workdir)
+    for name in ("config.json", "labels.json"):
+        if not (workdir / name).is_file():
+            raise FileNotFoundError(f"{workdir / name} not found; is {workdir} a kdjax run "
+                                    "directory?")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    label_names = json.loads((workdir / "labels.json").read_text())
+    bert_config, _ = hf.read_config(hf.resolve_checkpoint(config.model.name))
+    bert_config = bert_config.replace(dtype=config.model.dtype)
+    # The optimizer's structure (not its schedule) is what restoring needs.
+    tx = optim.make_optimizer(config.optim, total_steps=1)
+    abstract = jax.eval_shape(lambda: TrainState.create(
+        BertClassifier(bert_config, len(label_names), rngs=nnx.Rngs(0)), tx))
+    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
+        arrays, meta = ckpt.restore(abstract.arrays(), step)
+    return abstract.with_arrays(arrays).model(), label_names, config, int(meta["step"])

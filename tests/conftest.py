@@ -48,3 +48,46 @@ def tiny_hf_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     model.save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
     return out
+
+
+POSITIVE = "good great excellent wonderful fine nice superb".split()
+NEGATIVE = "bad awful terrible poor horrible dull boring".split()
+FILLER = "the movie was a film plot acting really very and it".split()
+
+
+def write_toy_task(directory: pathlib.Path, n_train: int = 96, n_dev: int = 40,
+                   seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
+    """A learnable two-class sentiment task as GLUE-style TSV files (labels by word choice)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def sentences(n):
+        rows = []
+        for _ in range(n):
+            label = int(rng.integers(2))
+            words = list(rng.choice(FILLER, size=int(rng.integers(1, 12))))
+            words.insert(int(rng.integers(len(words) + 1)),
+                         str(rng.choice(POSITIVE if label else NEGATIVE)))
+            rows.append(f"{' '.join(words)}\t{label}")
+        return "sentence\tlabel\n" + "\n".join(rows) + "\n"
+
+    directory.mkdir(parents=True, exist_ok=True)
+    train, dev = directory / "train.tsv", directory / "dev.tsv"
+    train.write_text(sentences(n_train))
+    dev.write_text(sentences(n_dev))
+    return train, dev
+
+
+@pytest.fixture
+def toy_config(tmp_path, tiny_hf_dir):
+    """configs/finetune.py pointed at the tiny transformers model and the toy task."""
+    from kdjax import config as config_lib
+
+    train, dev = write_toy_task(tmp_path / "data")
+    config = config_lib.load_config(str(REPO_ROOT / "configs" / "finetune.py"))
+    return config_lib.apply_overrides(config, [
+        f"model.name={tiny_hf_dir}", "data.task=toy", f"data.train_file={train}",
+        f"data.dev_file={dev}", "data.max_length=16", "data.batch_size=16",
+        "data.eval_batch_size=16", "optim.lr=1e-3", "train.log_every=2",
+        "train.num_devices=1"])

@@ -1,0 +1,176 @@
+"""The train step, the mesh, checkpoints and resume, on a tiny model."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kdjax import checkpoint, config as config_lib, optim, sharding, train
+from kdjax.models.bert import BertClassifier, BertConfig
+
+TINY = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=32)
+
+
+def _batch(seed, batch_size=16, length=12):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, length + 1, batch_size)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    return {
+        "input_ids": (rng.integers(1, 64, (batch_size, length)) * mask).astype(np.int32),
+        "attention_mask": mask,
+        "token_type_ids": np.zeros((batch_size, length), np.int32),
+        "labels": rng.integers(0, 3, batch_size).astype(np.int32),
+        "weights": np.r_[np.ones(batch_size - 2), np.zeros(2)].astype(np.float32),
+    }
+
+
+def _state(mesh, lr=1e-3):
+    optim_config = config_lib.load_config("configs/finetune.py").optim
+    with optim_config.unlocked():
+        optim_config.lr = lr
+    tx = optim.make_optimizer(optim_config, total_steps=20)
+    model = BertClassifier(TINY, 3, rngs=nnx.Rngs(0))
+    return sharding.replicate(train.TrainState.create(model, tx), mesh)
+
+
+def _run(mesh, steps, step_fn=train.train_step, lr=1e-3):
+    state = _state(mesh, lr)
+    jitted = train.make_train_step(mesh, step_fn)
+    key = sharding.replicate(jax.random.key(1), mesh)
+    losses = []
+    for i in range(steps):
+        state, metrics = jitted(state, sharding.shard_batch(_batch(i % 2), mesh), key)
+        losses.append(float(metrics["loss_sum"] / metrics["count"]))
+    return state, losses
+
+
+def test_eight_devices_give_the_same_parameters_as_one():
+    assert len(jax.devices()) == 8, "conftest must fake 8 CPU devices"
+    one, _ = _run(sharding.make_mesh(1), steps=3)
+    eight, _ = _run(sharding.make_mesh(8), steps=3)
+    leaf = jax.tree.leaves(eight.params)[0]
+    assert len(leaf.sharding.device_set) == 8  # Really replicated over the 8-device mesh.
+    chex.assert_trees_all_close(jax.device_get(one.params), jax.device_get(eight.params),
+                                atol=2e-6, rtol=1e-5)
+
+
+def test_step_compiles_once_per_shape_and_learns():
+    mesh = sharding.make_mesh(1)
+    traced = chex.assert_max_traces(train.train_step, n=1)
+    # Same shapes every step: one trace for all steps (raises on a retrace).
+    _, losses = _run(mesh, steps=12, step_fn=traced, lr=1e-2)
+    # Two fixed batches seen six times each: the loss must fall.
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_padding_rows_do_not_change_the_update():
+    mesh = sharding.make_mesh(1)
+    batch = _batch(0)
+    other = dict(batch)
+    other["labels"] = batch["labels"].copy()
+    other["input_ids"] = batch["input_ids"].copy()
+    other["input_ids"][-2:] = 7  # The two weight-0 rows get different content.
+    other["labels"][-2:] = 0
+    key = jax.random.key(0)
+    step = jax.jit(train.train_step)
+    a, _ = step(_state(mesh), batch, key)
+    b, _ = step(_state(mesh), other, key)
+    chex.assert_trees_all_close(a.params, b.params, atol=1e-7)
+
+
+def test_dropout_is_active_in_training_and_off_in_prediction():
+    model = BertClassifier(TINY, 3, rngs=nnx.Rngs(0))
+    batch = _batch(0)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    a = model(*inputs, dropout_key=jax.random.key(0)).logits
+    b = model(*inputs, dropout_key=jax.random.key(1)).logits
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model(*inputs).logits, model(*inputs).logits)
+
+
+def test_resume_continues_exactly(toy_config, tmp_path):
+    config_lib.apply_overrides(toy_config, ["train.max_steps=8", "train.checkpoint_every=2"])
+    straight = train.fine_tune(toy_config, tmp_path / "straight", progress=False)
+    assert straight["finished"] and straight["steps"] == 8
+
+    config_lib.apply_overrides(toy_config, ["train.stop_after_steps=4"])
+    first = train.fine_tune(toy_config, tmp_path / "resumed", progress=False)
+    assert not first["finished"] and first["steps"] == 4
+    config_lib.apply_overrides(toy_config, ["train.stop_after_steps=0"])
+    second = train.fine_tune(toy_config, tmp_path / "resumed", progress=False)
+    assert second["finished"] and second["steps"] == 8
+
+    a, _, _, step_a = train.load_run(tmp_path / "straight")
+    b, _, _, step_b = train.load_run(tmp_path / "resumed")
+    assert step_a == step_b == 8
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # Bitwise.
+    assert straight["accuracy"] == second["accuracy"]
+    # The checkpoint records where the data iterator stood (toy train: 96 rows = 6 batches).
+    with checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints") as ckpt:
+        assert ckpt.read_meta(8)["epoch"] == 1 and ckpt.read_meta(8)["batch_in_epoch"] == 2
+        assert ckpt.all_steps() == [6, 8]  # keep_checkpoints=2
+
+
+def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path):
+    mesh = sharding.make_mesh(1)
+    state = _state(mesh)
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(4, state.arrays(), {"step": 4, "epoch": 0, "batch_in_epoch": 4})
+    # What a kill in the middle of saving step 8 leaves behind: Orbax's temporary directory.
+    partial = tmp_path / "ckpt" / "8.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() == 4
+        arrays, meta = ckpt.restore(state.arrays())
+    assert meta["batch_in_epoch"] == 4
+    chex.assert_trees_all_equal(jax.device_get(arrays["params"]), jax.device_get(state.params))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(toy_config, tmp_path):
+    # An absurd learning rate overflows float32 within a few steps.
+    config_lib.apply_overrides(toy_config, ["optim.lr=1e30", "optim.grad_clip=0.0",
+                                            "optim.warmup_ratio=0.0", "train.max_steps=40",
+                                            "train.checkpoint_every=1", "train.log_every=1"])
+    with pytest.raises(train.TrainingDiverged, match=r"at step \d+.*last good checkpoint"):
+        train.fine_tune(toy_config, tmp_path / "run", progress=False)
+    # The saved checkpoint holds finite numbers.
+    model, _, _, step = train.load_run(tmp_path / "run")
+    assert step >= 1
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_fine_tune_learns_the_toy_task_and_exports_for_pytorch(toy_config, tmp_path):
+    import torch
+    import transformers
+
+    config_lib.apply_overrides(toy_config, ["train.epochs=8.0", "train.num_devices=8",
+                                         "optim.lr=1e-2"])
+    result = train.fine_tune(toy_config, tmp_path / "run", progress=False)
+    assert result["accuracy"] >= 0.9, result
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {l["split"] for l in lines} == {"train", "dev"}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["task"] == "toy"
+
+    # The exported directory is a PyTorch classifier that agrees with kdjax's evaluation.
+    export = tmp_path / "run" / "model"
+    ref = transformers.BertForSequenceClassification.from_pretrained(export).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    rows = [l.split("\t") for l in open(toy_config.data.dev_file).read().splitlines()[1:]]
+    enc = tokenizer([r[0] for r in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predictions = ref(**enc).logits.argmax(-1).numpy()
+    accuracy = float(np.mean(predictions == np.array([int(r[1]) for r in rows])))
+    assert accuracy == pytest.approx(result["accuracy"])
+    assert ref.config.id2label == {0: "0", 1: "1"}
+
+
+def test_batch_size_must_divide_over_devices():
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        sharding.check_batch_size(12, sharding.make_mesh(8))
