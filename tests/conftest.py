@@ -1,6 +1,5 @@
 """Test setup: 8 fake CPU devices (before any JAX computation), shared fixtures."""
 
-import os
 import pathlib
 
 import jax

@@ -1,6 +1,5 @@
 """The optimizer against PyTorch's AdamW + transformers' linear warmup schedule."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
