@@ -23,7 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import checkpoint, config as config_lib, data, hf, metrics as metrics_lib, optim, sharding
+from kdjax import checkpoint, data, hf, optim, sharding
+from kdjax import config as config_lib, metrics as metrics_lib
 from kdjax.models.bert import BertClassifier
 
 
@@ -139,16 +140,14 @@ def make_predict_step(mesh: Mesh) -> Callable:
 def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
             batcher: data.Batcher, mesh: Mesh) -> tuple[np.ndarray, float]:
     """Logits for every example of `batcher`'s split, in the split's order, and examples/s."""
-    logits = np.zeros((len(batcher.split), 0), np.float32)
     start = time.perf_counter()
-    pending = []
-    for batch in batcher.epoch(0):
-        out = predict_fn(graphdef, params, sharding.shard_batch(batch, mesh))
-        pending.append((batch["example_index"], out))
-    for index, out in pending:  # One sync at the end instead of one per batch.
-        out = np.asarray(jax.device_get(out))
-        if logits.shape[1] == 0:
-            logits = np.zeros((len(batcher.split), out.shape[1]), np.float32)
+    pending = [(batch["example_index"],
+                predict_fn(graphdef, params, sharding.shard_batch(batch, mesh)))
+               for batch in batcher.epoch(0)]
+    # One host transfer at the end instead of a sync per batch.
+    host = jax.device_get([out for _, out in pending])
+    logits = np.zeros((len(batcher.split), host[0].shape[1]), np.float32)
+    for (index, _), out in zip(pending, host):
         real = index >= 0
         logits[index[real]] = out[real]
     seconds = time.perf_counter() - start
@@ -232,12 +231,11 @@ def total_train_steps(config: ml_collections.ConfigDict, batches_per_epoch: int)
     return max(1, math.ceil(config.train.epochs * batches_per_epoch))
 
 
-def _batches_from(batcher: data.Batcher, step: int) -> Iterator[tuple[int, dict]]:
-    """(epoch, batch) pairs for global step `step` onwards, epoch after epoch."""
+def _batches_from(batcher: data.Batcher, step: int) -> Iterator[dict]:
+    """Training batches for global step `step` onwards, epoch after epoch."""
     epoch, index = divmod(step, batcher.num_batches)
     while True:
-        for batch in batcher.epoch(epoch, start=index):
-            yield epoch, batch
+        yield from batcher.epoch(epoch, start=index)
         epoch, index = epoch + 1, 0
 
 
@@ -343,7 +341,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         stop_at = total_steps
         if config.train.stop_after_steps:
             stop_at = min(total_steps, start_step + config.train.stop_after_steps)
-        for epoch, batch in _batches_from(batcher, start_step):
+        for batch in _batches_from(batcher, start_step):
             if step >= stop_at:
                 break
             state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
