@@ -1,6 +1,7 @@
 """The `kdjax` command: thin argument parsing over the Python API.
 
   kdjax fine-tune --config configs/finetune.py[:quick] [--config.KEY=VALUE ...] --workdir DIR
+  kdjax distill   --config configs/RECIPE.py[:SETTING] [--config.KEY=VALUE ...] --workdir DIR
   kdjax eval      --model DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
   kdjax export    --workdir DIR [--step N] [--out DIR]
 """
@@ -26,6 +27,16 @@ def _parser() -> argparse.ArgumentParser:
                            help="run directory: checkpoints, metrics, exported model; "
                                 "an existing run there is resumed")
     fine_tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    distill = commands.add_parser(
+        "distill", help="fine-tuned teacher -> student -> distillation -> evaluation -> saved "
+                        "student (fine-tunes the teacher first when needed)")
+    distill.add_argument("--config", required=True,
+                         help="configs/RECIPE.py[:SETTING], e.g. configs/kd.py:tenth_size")
+    distill.add_argument("--workdir", required=True,
+                         help="run directory: teacher run(s), stage checkpoints, metrics, the "
+                              "student in WORKDIR/model; an existing run there is resumed")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("eval", help="evaluate a saved model on a task's dev split")
     evaluate.add_argument("--model", required=True,
@@ -59,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             config = config_lib.validate(
                 config_lib.apply_overrides(config_lib.load_config(args.config), overrides))
             result = train.fine_tune(config, args.workdir, progress=not args.no_progress)
+            print(json.dumps({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")},
+                             indent=2))
+        elif args.command == "distill":
+            from kdjax import distill
+            config = config_lib.validate(
+                config_lib.apply_overrides(config_lib.load_config(args.config), overrides))
+            result = distill.distill(config, args.workdir, progress=not args.no_progress)
             print(json.dumps({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")},
                              indent=2))
         elif args.command == "eval":

@@ -93,6 +93,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
     return config
 
 
+_SCHEDULES = ("constant", "linear_warmup", "linear_decay")
+
 # (key, check, what the check demands). Keys a config lacks are skipped, so one table serves
 # every recipe.
 _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -119,7 +121,40 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.checkpoint_every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
     ("train.num_devices", lambda v: v >= 0, "must be >= 0 (0 = all devices)"),
+    # Distillation configs.
+    ("teacher.name", lambda v: bool(v), "must name a checkpoint"),
+    ("teacher.seeds", lambda v: len(v) >= 1 and len(set(v)) == len(v),
+     "must list at least one seed, without repeats"),
+    ("teacher.epochs", lambda v: v > 0, "must be > 0"),
+    ("student.layers", lambda v: v >= 1, "must be >= 1"),
+    ("student.hidden", lambda v: v >= 0, "must be >= 0 (0 = the teacher's)"),
+    ("student.heads", lambda v: v >= 0, "must be >= 0 (0 = the teacher's)"),
+    ("student.intermediate", lambda v: v >= 0, "must be >= 0 (0 = default)"),
+    ("student.init", lambda v: v in ("teacher", "random"), "must be 'teacher' or 'random'"),
+    ("student.init_layers", lambda v: v in ("spread", "first", "explicit"),
+     "must be 'spread', 'first' or 'explicit'"),
+    ("student.mlm_head_init", lambda v: v in ("teacher", "random"),
+     "must be 'teacher' or 'random'"),
+    ("stages", lambda v: len(v) >= 1, "must name at least one stage"),
 ]
+
+# Rules for every stage section named in `stages`.
+_STAGE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("epochs", lambda v: v > 0, "must be > 0"),
+    ("lr", lambda v: v >= 0, "must be >= 0 (0 = optim.lr)"),
+    ("teacher", lambda v: v in ("finetuned", "pretrained"), "must be 'finetuned' or 'pretrained'"),
+    ("data", lambda v: v in ("train", "unlabelled"), "must be 'train' or 'unlabelled'"),
+    ("loss.temperature", lambda v: v > 0, "must be > 0"),
+    ("loss.temperature_end", lambda v: v >= 0, "must be >= 0 (0 = no schedule)"),
+    ("loss.temperature_schedule", lambda v: v in _SCHEDULES, f"must be one of {_SCHEDULES}"),
+    ("loss.weight_schedule", lambda v: v in _SCHEDULES, f"must be one of {_SCHEDULES}"),
+    ("loss.schedule_warmup_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("loss.layer_map", lambda v: v in ("uniform", "skip", "last", "explicit"),
+     "must be uniform, skip, last or explicit"),
+    ("loss.mlm_probability", lambda v: 0 < v < 1, "must be in (0, 1)"),
+] + [(f"loss.{term}", lambda v: v >= 0, "must be >= 0 (0 = off)")
+     for term in ("ce", "soft", "soft_ce", "logit_mse", "embedding", "hidden", "attention",
+                  "attention_kl", "cosine", "pkd", "mlm")]
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -140,7 +175,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Raises:
       ConfigError: the first invalid value, naming its key.
     """
-    for key, ok, demand in _RULES:
+    rules = list(_RULES)
+    stages = _get(config, "stages")
+    if stages is not _MISSING:
+        for name in stages:
+            if not isinstance(_get(config, name), ml_collections.ConfigDict):
+                raise ConfigError(f"config key 'stages' names {name!r}, but the config has no "
+                                  f"section {name!r}")
+            rules += [(f"{name}.{key}", ok, demand) for key, ok, demand in _STAGE_RULES]
+    for key, ok, demand in rules:
         value = _get(config, key)
         if value is _MISSING or value is None:
             continue

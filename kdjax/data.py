@@ -426,6 +426,20 @@ class EncodedSplit:
                             self.lengths[indices], self.labels[indices])
 
 
+def concatenate(splits: Sequence[EncodedSplit]) -> EncodedSplit:
+    """The rows of several splits (encoded to the same width), in order."""
+    widths = {s.input_ids.shape[1] for s in splits}
+    if len(widths) != 1:
+        raise ValueError(f"cannot concatenate splits of different widths {sorted(widths)}")
+    return EncodedSplit(*(np.concatenate([getattr(s, f.name) for s in splits])
+                          for f in dataclasses.fields(EncodedSplit)))
+
+
+def without_labels(split: EncodedSplit) -> EncodedSplit:
+    """The same rows with every label -1 (unlabelled)."""
+    return dataclasses.replace(split, labels=np.full_like(split.labels, -1))
+
+
 def encode(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
     """Tokenises examples with the checkpoint's own tokenizer.
 

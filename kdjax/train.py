@@ -201,6 +201,9 @@ class TaskInputs:
     train: data.EncodedSplit
     dev: data.EncodedSplit
     buckets: tuple[int, ...]
+    # Training examples left out by data.train_limit, labels removed (-1): the unlabelled
+    # transfer set of a few-labels distillation run. Empty without a limit.
+    unlabelled_rest: data.EncodedSplit | None = None
 
 
 def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
@@ -215,14 +218,16 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
                           text_columns=tuple(cfg.text_columns), label_column=cfg.label_column)
     train = data.encode(task.splits["train"], tokenizer, cfg.max_length)
     dev = data.encode(task.splits["dev"], tokenizer, cfg.max_length)
+    rest = train.subset(np.zeros(0, np.int64))
     if cfg.train_limit and cfg.train_limit < len(train):
         # A fixed, seeded subset, so "the first N" does not depend on file order.
-        keep = np.random.default_rng(cfg.subset_seed).permutation(len(train))[:cfg.train_limit]
-        train = train.subset(np.sort(keep))
+        order = np.random.default_rng(cfg.subset_seed).permutation(len(train))
+        rest = data.without_labels(train.subset(np.sort(order[cfg.train_limit:])))
+        train = train.subset(np.sort(order[:cfg.train_limit]))
     if cfg.dev_limit and cfg.dev_limit < len(dev):
         dev = dev.subset(np.arange(cfg.dev_limit))
     buckets = tuple(cfg.buckets) or data.default_buckets(cfg.max_length)
-    return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets)
+    return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets, rest)
 
 
 def total_train_steps(config: ml_collections.ConfigDict, batches_per_epoch: int) -> int:
@@ -240,7 +245,12 @@ def _batches_from(batcher: data.Batcher, step: int) -> Iterator[dict]:
 
 
 class _IntervalMetrics:
-    """Collects per-step metric arrays on device; fetches them only when asked (log interval)."""
+    """Collects per-step metric arrays on device; fetches them only when asked (log interval).
+
+    A step's metrics are sums: `count` (real examples), `loss_sum`, `correct`, `grad_norm`, and
+    any `NAME_sum` with an optional `NAME_count` (its own denominator, e.g. labelled examples
+    only); the summary reports `NAME = sum / count` over the interval.
+    """
 
     def __init__(self):
         self.pending: list[tuple[int, dict]] = []
@@ -258,16 +268,132 @@ class _IntervalMetrics:
             if not np.isfinite(m["loss_sum"]) or not np.isfinite(m["grad_norm"]):
                 raise TrainingDiverged(f"loss became {m['loss_sum'] / max(m['count'], 1)} at "
                                        f"step {step + 1}")
-        count = sum(float(m["count"]) for m in host)
+        total = lambda key: sum(float(m[key]) for m in host)
+        count = total("count")
         seconds = time.perf_counter() - self.since
-        summary = {
-            "loss": sum(float(m["loss_sum"]) for m in host) / max(count, 1),
-            "accuracy": sum(float(m["correct"]) for m in host) / max(count, 1),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-            "examples_per_s": count / max(seconds, 1e-9),
-        }
+        summary = {"loss": total("loss_sum") / max(count, 1),
+                   "accuracy": total("correct") / max(count, 1)}
+        for key in host[0]:
+            name = key.removesuffix("_sum")
+            if key.endswith("_sum") and name != "loss":
+                denominator = total(f"{name}_count") if f"{name}_count" in host[0] else count
+                summary[name] = total(key) / max(denominator, 1e-9)
+        summary["grad_norm"] = float(np.mean([m["grad_norm"] for m in host]))
+        summary["examples_per_s"] = count / max(seconds, 1e-9)
         self.pending, self.since = [], time.perf_counter()
         return summary
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    steps: int  # the global step reached
+    train_seconds: float  # this invocation's training time, compilation included
+    examples_seen: int  # real examples this invocation trained on
+    finished: bool  # False when train.stop_after_steps ended it early
+
+
+def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_steps: int,
+               train_config: ml_collections.ConfigDict, checkpoint_dir: pathlib.Path,
+               log: metrics_lib.MetricLog, mesh: Mesh, dropout_key: jax.Array,
+               lr_at: optax.Schedule | None = None, progress: bool = True,
+               description: str = "train") -> LoopResult:
+    """The one training loop: every update step kind (fine-tuning, distillation, and later
+    discriminator or joint steps) runs through it.
+
+    Args:
+      state: a pytree with `.step`, `.arrays()` (the checkpointed part) and `.with_arrays()`.
+      step_fn: `(state, sharded batch, dropout_key) -> (state, metric sums)`, jitted.
+      batcher: the training batches; epoch e, batch k is global step e * num_batches + k.
+      total_steps: the run's length (fixes the schedules; checked on resume).
+      train_config: the `train` section: seed, log_every, checkpoint_every, keep_checkpoints,
+        stop_after_steps.
+      checkpoint_dir: Orbax directory; a checkpoint there is resumed.
+      log: where interval summaries go.
+      dropout_key: the run's base key (replicated).
+      lr_at: the learning-rate schedule, for the log.
+      description: progress-bar label.
+
+    Raises:
+      TrainingDiverged: a NaN/inf loss or gradient; names the step and the last good checkpoint.
+      ValueError: the checkpoint directory holds a run of another seed or length.
+    """
+    from tqdm.auto import tqdm
+
+    dropout_key_data = np.asarray(jax.random.key_data(dropout_key)).tolist()
+    ckpt = checkpoint.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        arrays, meta = ckpt.restore(state.arrays())
+        if meta["dropout_key"] != dropout_key_data or meta["total_steps"] != total_steps:
+            ckpt.close()
+            raise ValueError(f"{ckpt.directory} holds a run with another seed or length "
+                             f"(total_steps {meta['total_steps']} vs {total_steps}); use a new "
+                             "--workdir or the original config")
+        state = state.with_arrays(arrays)
+        start_step = int(meta["step"])
+        if start_step < total_steps:
+            print(f"resumed from {ckpt.directory} at step {start_step} "
+                  f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", flush=True)
+
+    def save(step: int) -> None:
+        epoch, index = divmod(step, batcher.num_batches)
+        # Each step's dropout key is fold_in(dropout_key, step): the base key and the step fix
+        # every future draw.
+        ckpt.save(step, state.arrays(), {"step": step, "epoch": epoch, "batch_in_epoch": index,
+                                         "seed": train_config.seed, "total_steps": total_steps,
+                                         "dropout_key": dropout_key_data})
+
+    interval = _IntervalMetrics()
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0, desc=description)
+    train_start = time.perf_counter()
+    examples_seen = 0
+    step = start_step
+    # stop_after_steps ends this invocation early (a time-limited job); rerun to resume.
+    stop_at = total_steps
+    if train_config.stop_after_steps:
+        stop_at = min(total_steps, start_step + train_config.stop_after_steps)
+    try:
+        for batch in _batches_from(batcher, start_step):
+            if step >= stop_at:
+                break
+            state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
+            interval.add(step, step_metrics)
+            examples_seen += int(batch["weights"].sum())
+            step += 1
+            bar.update(1)
+            is_save = (train_config.checkpoint_every
+                       and step % train_config.checkpoint_every == 0)
+            if step % train_config.log_every == 0 or is_save or step == stop_at:
+                # Flushing checks every pending step for NaN, so no bad state is ever saved.
+                summary = interval.flush()
+                if lr_at is not None:
+                    summary["lr"] = float(lr_at(step))
+                summary["epoch"] = step / batcher.num_batches
+                log.write(step, description, summary)
+                bar.set_postfix(loss=f"{summary['loss']:.4f}",
+                                ex_s=f"{summary['examples_per_s']:.0f}")
+            if is_save:
+                save(step)
+    except TrainingDiverged as e:
+        bar.close()
+        ckpt.wait()
+        last = ckpt.latest_step()
+        ckpt.close()
+        where = (f"the last good checkpoint (step {last}) is in {ckpt.directory}"
+                 if last is not None else "no checkpoint had been saved yet")
+        raise TrainingDiverged(f"{e}; training stopped, {where}") from None
+    jax.block_until_ready(state)
+    train_seconds = time.perf_counter() - train_start
+    bar.close()
+    if ckpt.latest_step() != step:
+        save(step)
+    ckpt.close()
+    if step < total_steps:
+        print(f"stopped after step {step} of {total_steps} (train.stop_after_steps); run the "
+              f"same command again to resume", flush=True)
+    return LoopResult(state, step, train_seconds, examples_seen, step >= total_steps)
 
 
 def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -281,8 +407,6 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     Returns:
       The final dev metrics plus timing: train_seconds, train_examples_per_s, steps.
     """
-    from tqdm.auto import tqdm
-
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -300,95 +424,29 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                            shuffle=True, seed=config.train.seed)
     total_steps = total_train_steps(config, batcher.num_batches)
     tx = optim.make_optimizer(config.optim, total_steps)
-    lr_at = optim.warmup_linear_decay(config.optim.lr, total_steps, config.optim.warmup_ratio)
     state = sharding.replicate(TrainState.create(model, tx), mesh)
     del model
     dropout_key = sharding.replicate(jax.random.key(config.train.seed), mesh)
-    dropout_key_data = np.asarray(jax.random.key_data(dropout_key)).tolist()
-    step_fn = make_train_step(mesh)
-    predict_fn = make_predict_step(mesh)
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
-
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        arrays, meta = ckpt.restore(state.arrays())
-        if meta["dropout_key"] != dropout_key_data or meta["total_steps"] != total_steps:
-            raise ValueError(f"{ckpt.directory} holds a run with another seed or length "
-                             f"(total_steps {meta['total_steps']} vs {total_steps}); use a new "
-                             "--workdir or the original config")
-        state = state.with_arrays(arrays)
-        start_step = int(meta["step"])
-        print(f"resumed from {ckpt.directory} at step {start_step} "
-              f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", flush=True)
-
-    def save(step: int) -> None:
-        epoch, index = divmod(step, batcher.num_batches)
-        # Each step's dropout key is fold_in(dropout_key, step): the base key and the step fix
-        # every future draw.
-        ckpt.save(step, state.arrays(), {"step": step, "epoch": epoch, "batch_in_epoch": index,
-                                         "seed": config.train.seed, "total_steps": total_steps,
-                                         "dropout_key": dropout_key_data})
-
-    interval = _IntervalMetrics()
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress,
-               dynamic_ncols=True, mininterval=1.0)
-    train_start = time.perf_counter()
-    examples_seen = 0
-    step = start_step
-    try:
-        # stop_after_steps ends this invocation early (a time-limited job); rerun to resume.
-        stop_at = total_steps
-        if config.train.stop_after_steps:
-            stop_at = min(total_steps, start_step + config.train.stop_after_steps)
-        for batch in _batches_from(batcher, start_step):
-            if step >= stop_at:
-                break
-            state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
-            interval.add(step, step_metrics)
-            examples_seen += int(batch["weights"].sum())
-            step += 1
-            bar.update(1)
-            is_save = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
-            if step % config.train.log_every == 0 or is_save or step == stop_at:
-                # Flushing checks every pending step for NaN, so no bad state is ever saved.
-                summary = interval.flush()
-                summary["lr"] = float(lr_at(step))
-                summary["epoch"] = step / batcher.num_batches
-                log.write(step, "train", summary)
-                bar.set_postfix(loss=f"{summary['loss']:.4f}",
-                                ex_s=f"{summary['examples_per_s']:.0f}")
-            if is_save:
-                save(step)
-    except TrainingDiverged as e:
-        bar.close()
-        ckpt.wait()
-        last = ckpt.latest_step()
-        where = (f"the last good checkpoint (step {last}) is in {ckpt.directory}"
-                 if last is not None else "no checkpoint had been saved yet")
-        raise TrainingDiverged(f"{e}; training stopped, {where}") from None
-    jax.block_until_ready(state.params)
-    train_seconds = time.perf_counter() - train_start
-    bar.close()
-    if ckpt.latest_step() != step:
-        save(step)
-    ckpt.close()
-    if step < total_steps:
-        print(f"stopped after step {step} of {total_steps} (train.stop_after_steps); run the "
-              f"same command again to resume", flush=True)
-        return {"steps": step, "train_seconds": train_seconds, "finished": False}
-
-    result = evaluate(predict_fn, state.graphdef, state.params, inputs.dev,
+    run = train_loop(state, make_train_step(mesh), batcher, total_steps=total_steps,
+                     train_config=config.train, checkpoint_dir=workdir / "checkpoints", log=log,
+                     mesh=mesh, dropout_key=dropout_key,
+                     lr_at=optim.warmup_linear_decay(config.optim.lr, total_steps,
+                                                     config.optim.warmup_ratio),
+                     progress=progress)
+    if not run.finished:
+        return {"steps": run.steps, "train_seconds": run.train_seconds, "finished": False}
+    state = run.state
+    result = evaluate(make_predict_step(mesh), state.graphdef, state.params, inputs.dev,
                       inputs.task.num_labels, config.data.eval_batch_size, inputs.buckets, mesh)
-    result.update(steps=step, train_seconds=train_seconds, finished=True,
-                  train_examples_per_s=examples_seen / max(train_seconds, 1e-9))
-    log.write(step, "dev", result)
+    result.update(steps=run.steps, train_seconds=run.train_seconds, finished=True,
+                  train_examples_per_s=run.examples_seen / max(run.train_seconds, 1e-9))
+    log.write(run.steps, "dev", result)
     hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.task.label_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
     (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
 
 
 def _write_run_files(workdir: pathlib.Path, config, label_names: list[str]) -> None:
