@@ -4,10 +4,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-WORKDIR ?= runs/sst2-teacher
-CONFIG ?= configs/finetune.py
+WORKDIR ?= runs/sst2-kd
+CONFIG ?= configs/kd.py
 
-.PHONY: sst2 quick test bench-finetune clean
+.PHONY: sst2 finetune quick test bench-finetune results clean
 
 $(VENV)/.run-deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,13 +22,22 @@ $(VENV)/.test-deps: $(VENV)/.run-deps
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-# Main job: fine-tune the packaged MiniLM on SST-2 for one epoch, evaluate, export.
+# Main job: fine-tune the packaged MiniLM on SST-2 (1 epoch) as the teacher, distil it into a
+# 3-layer student with Hinton KD (1 epoch), evaluate both, save the student.
 sst2: $(VENV)/.run-deps
-	$(VENV)/bin/kdjax fine-tune --config $(CONFIG) --workdir $(WORKDIR)
+	$(VENV)/bin/kdjax distill --config $(CONFIG) --workdir $(WORKDIR)
 
-# The same on a 4,000-example subset: a few minutes on 2 CPU cores.
+# The teacher alone: fine-tune the packaged MiniLM on SST-2 for one epoch, evaluate, export.
+finetune: $(VENV)/.run-deps
+	$(VENV)/bin/kdjax fine-tune --config configs/finetune.py --workdir runs/sst2-teacher
+
+# The fine-tune on a 4,000-example subset: a few minutes on 2 CPU cores.
 quick: $(VENV)/.run-deps
-	$(VENV)/bin/kdjax fine-tune --config $(CONFIG):quick --workdir runs/sst2-quick
+	$(VENV)/bin/kdjax fine-tune --config configs/finetune.py:quick --workdir runs/sst2-quick
+
+# The SST-2 results table (results/sst2.md, .json); see benchmarks/sst2_results.py for options.
+results: $(VENV)/.run-deps
+	$(PY) -m benchmarks.sst2_results $(RESULTS_ARGS)
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest -q
