@@ -65,23 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so `kdjax --help` is instant.
     from kdjax import config as config_lib, data, hf, train
 
+    def load_config():
+        return config_lib.validate(
+            config_lib.apply_overrides(config_lib.load_config(args.config), overrides))
+
     try:
         if args.command == "fine-tune":
-            config = config_lib.validate(
-                config_lib.apply_overrides(config_lib.load_config(args.config), overrides))
+            config = load_config()
             result = train.fine_tune(config, args.workdir, progress=not args.no_progress)
             print(json.dumps({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")},
                              indent=2))
         elif args.command == "distill":
             from kdjax import distill
-            config = config_lib.validate(
-                config_lib.apply_overrides(config_lib.load_config(args.config), overrides))
+            config = load_config()
             result = distill.distill(config, args.workdir, progress=not args.no_progress)
             print(json.dumps({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")},
                              indent=2))
         elif args.command == "eval":
-            config = config_lib.validate(
-                config_lib.apply_overrides(config_lib.load_config(args.config), overrides))
+            config = load_config()
             print(json.dumps(train.evaluate_saved_model(args.model, config), indent=2))
         elif args.command == "export":
             model, label_names, config, step = train.load_run(args.workdir, args.step)

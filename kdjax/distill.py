@@ -608,7 +608,10 @@ def build_student(config: ml_collections.ConfigDict, teacher: BertClassifier, nu
     return student
 
 
-def _stage_split(config, stage, inputs: train.TaskInputs, tokenizer) -> data.EncodedSplit:
+def _stage_split(config, stage, inputs: train.TaskInputs, *,
+                 uses_teacher: bool) -> data.EncodedSplit:
+    """The stage's training examples. Without a teacher term, unlabelled rows teach nothing, so
+    such a stage trains on the labelled examples only."""
     if stage.data == "unlabelled":
         if config.data.unlabelled_file:
             path = pathlib.Path(config.data.unlabelled_file)
@@ -618,11 +621,11 @@ def _stage_split(config, stage, inputs: train.TaskInputs, tokenizer) -> data.Enc
             examples = [data.Example(ln, None, -1) for ln in lines if ln]
             if not examples:
                 raise data.DataError(f"{path} has no non-empty line")
-            return data.encode(examples, tokenizer, config.data.max_length)
+            return data.encode(examples, inputs.tokenizer, config.data.max_length)
         return data.without_labels(data.concatenate([inputs.train, inputs.unlabelled_rest]))
     if stage.data != "train":
         raise DistillError(f"a stage's data must be train or unlabelled, got {stage.data!r}")
-    if config.data.unlabelled_rest and len(inputs.unlabelled_rest):
+    if uses_teacher and config.data.unlabelled_rest and len(inputs.unlabelled_rest):
         return data.concatenate([inputs.train, inputs.unlabelled_rest])
     return inputs.train
 
@@ -675,12 +678,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     Returns:
       The student's dev metrics, teacher accuracy, agreement, timings and throughputs.
     """
-    config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(config.train.num_devices)
-    sharding.check_batch_size(config.data.batch_size, mesh)
-    sharding.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+    workdir, mesh = train.start_run(config, workdir)
 
     task = data.load_task(config.data.task, train_file=config.data.train_file,
                           dev_file=config.data.dev_file,
@@ -713,24 +711,18 @@ def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     train_seconds, stage_results = 0.0, {}
     for name in config.stages:
         stage = config[name]
-        split = _stage_split(config, stage, inputs, inputs.tokenizer)
+        spec = LossSpec.from_config(stage.loss, student_layers=student_model.config.num_hidden_layers,
+                                    teacher_layers=teachers[0].config.num_hidden_layers,
+                                    total_steps=1, tokenizer=inputs.tokenizer,
+                                    extra_terms=extra_terms)
+        _check_architecture(spec, student_model.config, teachers[0].config,
+                            config.student.projection)
+        split = _stage_split(config, stage, inputs, uses_teacher=spec.uses_teacher)
         batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets,
                                shuffle=True, seed=config.train.seed)
         total_steps = config.train.max_steps or max(
             1, math.ceil(stage.epochs * batcher.num_batches))
-        spec = LossSpec.from_config(stage.loss, student_layers=student_model.config.num_hidden_layers,
-                                    teacher_layers=teachers[0].config.num_hidden_layers,
-                                    total_steps=total_steps, tokenizer=inputs.tokenizer,
-                                    extra_terms=extra_terms)
-        _check_architecture(spec, student_model.config, teachers[0].config,
-                            config.student.projection)
-        if not spec.uses_teacher and config.data.unlabelled_rest:
-            # Without a teacher unlabelled rows teach nothing: train on the labelled ones only.
-            batcher = data.Batcher(inputs.train, config.data.batch_size, buckets=inputs.buckets,
-                                   shuffle=True, seed=config.train.seed)
-            total_steps = config.train.max_steps or max(
-                1, math.ceil(stage.epochs * batcher.num_batches))
-            spec = dataclasses.replace(spec, total_steps=total_steps)
+        spec = dataclasses.replace(spec, total_steps=total_steps)
         stage_teachers = None
         if spec.uses_teacher:
             models = teachers

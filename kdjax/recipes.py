@@ -130,6 +130,22 @@ def stage_config(*, epochs: float = 1.0, lr: float = 0.0, teacher: str = "finetu
     return stage
 
 
+def pkd_config(setting: str | None, layer_map: str) -> ml_collections.ConfigDict:
+    """Patient KD (Sun et al. 2019): (1 - alpha) CE + alpha T^2 KL + beta L_PT, with alpha = 0.5,
+    T = 5, beta = 100 from the paper's grid; the student starts from the teacher's first layers
+    (where widths allow). `layer_map`: skip (PKD-Skip) or last (PKD-Last)."""
+    config = distill_config(setting)
+    config.recipe = f"pkd_{layer_map}"
+    config.student.init_layers = "first"
+    alpha = 0.5
+    config.distill.loss.ce = 1 - alpha
+    config.distill.loss.soft = alpha
+    config.distill.loss.temperature = 5.0
+    config.distill.loss.pkd = 100.0
+    config.distill.loss.layer_map = layer_map
+    return config
+
+
 def distill_config(setting: str | None = "half_depth") -> ml_collections.ConfigDict:
     """The sections of a distillation run; a recipe then sets `config.distill.loss`."""
     setting = setting or "half_depth"

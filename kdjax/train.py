@@ -396,6 +396,18 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     return LoopResult(state, step, train_seconds, examples_seen, step >= total_steps)
 
 
+def start_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+              ) -> tuple[pathlib.Path, Mesh]:
+    """Validates the config, creates `workdir`, builds the mesh and checks batch sizes on it."""
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(config.train.num_devices)
+    sharding.check_batch_size(config.data.batch_size, mesh)
+    sharding.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+    return workdir, mesh
+
+
 def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
               progress: bool = True) -> dict:
     """Fine-tunes `config.model.name` on `config.data`'s task; resumes from `workdir` if a
@@ -407,12 +419,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     Returns:
       The final dev metrics plus timing: train_seconds, train_examples_per_s, steps.
     """
-    config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(config.train.num_devices)
-    sharding.check_batch_size(config.data.batch_size, mesh)
-    sharding.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+    workdir, mesh = start_run(config, workdir)
 
     inputs = prepare_task(config)
     model, report, _ = hf.load_pretrained(str(inputs.checkpoint_dir),
