@@ -136,6 +136,49 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("student.mlm_head_init", lambda v: v in ("teacher", "random"),
      "must be 'teacher' or 'random'"),
     ("stages", lambda v: len(v) >= 1, "must name at least one stage"),
+    ("method", lambda v: v in ("bert", "bilstm", "newsbert"),
+     "must be 'bert', 'bilstm' or 'newsbert'"),
+]
+
+# NewsBERT's joint-training section (configs/newsbert.py).
+_RULES += [
+    ("newsbert.beta", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = no momentum distillation)"),
+    ("newsbert.temperature", lambda v: v > 0, "must be > 0"),
+    ("newsbert.epochs", lambda v: v > 0, "must be > 0"),
+    ("newsbert.labelled_repeats", lambda v: v >= 1, "must be >= 1"),
+] + [(f"newsbert.{term}", lambda v: v >= 0, "must be >= 0 (0 = off)")
+     for term in ("teacher_ce", "embedding", "hidden", "pooled", "soft_ce", "ce")]
+
+# The distilled BiLSTM's student, optimizer and augmentation (kdjax/bilstm.py, configs/bilstm*.py).
+_RULES += [
+    ("student.mlp", lambda v: v >= 1, "must be >= 1"),
+    ("student.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.rho", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("augment.method", lambda v: v in ("tang", "tinybert", "none"),
+     "must be 'tang', 'tinybert' or 'none'"),
+    ("augment.n_iter", lambda v: v >= 0, "must be >= 0"),
+    ("augment.max_examples", lambda v: v >= 0, "must be >= 0 (0 = no cap)"),
+    ("augment.max_ngram", lambda v: v >= 1, "must be >= 1"),
+    ("augment.k", lambda v: v >= 1, "must be >= 1"),
+    ("augment.pair_sides", lambda v: v in ("random", "first", "second", "both"),
+     "must be 'random', 'first', 'second' or 'both'"),
+] + [(f"augment.{p}", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+     for p in ("p_mask", "p_pos", "p_ng", "p_t")]
+
+# KDABert's discriminator section (kdjax/adversarial.py, configs/kdabert.py).
+_RULES += [
+    ("discriminator.loss", lambda v: v in ("bce", "hinge", "wgan_gp"),
+     "must be 'bce', 'hinge' or 'wgan_gp'"),
+    ("discriminator.hidden", lambda v: v >= 1, "must be >= 1"),
+    ("discriminator.lr", lambda v: v > 0, "must be > 0"),
+    ("discriminator.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("discriminator.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("discriminator.steps_per_student_step", lambda v: v >= 0,
+     "must be >= 0 (0 = by loss: 1 for bce/hinge, 5 for wgan_gp)"),
+    ("discriminator.label_smoothing", lambda v: 0 <= v < 0.5,
+     "must be in [0, 0.5) (the teacher features' target is 1 - label_smoothing)"),
+    ("discriminator.gp_weight", lambda v: v >= 0, "must be >= 0"),
+    ("discriminator.health_window", lambda v: v >= 1, "must be >= 1 (steps)"),
 ]
 
 # Rules for every stage section named in `stages`.
@@ -152,9 +195,11 @@ _STAGE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("loss.layer_map", lambda v: v in ("uniform", "skip", "last", "explicit"),
      "must be uniform, skip, last or explicit"),
     ("loss.mlm_probability", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("loss.adversarial_warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("loss.adversarial_ramp", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = no ramp)"),
 ] + [(f"loss.{term}", lambda v: v >= 0, "must be >= 0 (0 = off)")
      for term in ("ce", "soft", "soft_ce", "logit_mse", "embedding", "hidden", "attention",
-                  "attention_kl", "cosine", "pkd", "mlm")]
+                  "attention_kl", "cosine", "pkd", "mlm", "adversarial")]
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import pathlib
@@ -186,6 +187,12 @@ class LossSpec:
     cosine: float = 0.0
     pkd: float = 0.0
     mlm: float = 0.0
+    # KDABert's adversarial term (kdjax/adversarial.py): lambda_adv, 0 for the first
+    # `adversarial_warmup` fraction of the stage, then ramped linearly to full over the next
+    # `adversarial_ramp` fraction (0 = full at once).
+    adversarial: float = 0.0
+    adversarial_warmup: float = 0.1
+    adversarial_ramp: float = 0.1
     temperature: float = 1.0
     temperature_end: float = 0.0
     temperature_schedule: str = "constant"
@@ -203,7 +210,7 @@ class LossSpec:
     extra_terms: tuple[tuple[str, float, Callable], ...] = ()
 
     TEACHER_TERMS = ("soft", "soft_ce", "logit_mse", "embedding", "hidden", "attention",
-                     "attention_kl", "cosine", "pkd")
+                     "attention_kl", "cosine", "pkd", "adversarial")
 
     def __post_init__(self):
         for name in ("temperature_schedule", "weight_schedule"):
@@ -226,7 +233,8 @@ class LossSpec:
 
     @property
     def needs_hidden(self) -> bool:
-        return bool(self.embedding or self.hidden or self.cosine or self.pkd or self.mlm)
+        return bool(self.embedding or self.hidden or self.cosine or self.pkd or self.mlm
+                    or self.adversarial)
 
     @property
     def needs_attention(self) -> bool:
@@ -234,7 +242,7 @@ class LossSpec:
 
     @property
     def needs_projection(self) -> bool:
-        return bool(self.embedding or self.hidden or self.pkd)
+        return bool(self.embedding or self.hidden or self.pkd or self.adversarial)
 
     @classmethod
     def from_config(cls, loss: ml_collections.ConfigDict, *, student_layers: int,
@@ -244,7 +252,8 @@ class LossSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in loss.items() if k in fields}
         pairs = ()
-        if any(loss[k] for k in ("hidden", "attention", "attention_kl", "pkd")):
+        if any(loss.get(k, 0) for k in ("hidden", "attention", "attention_kl", "pkd",
+                                        "adversarial")):
             teacher_of = layer_map(loss.layer_map, student_layers, teacher_layers,
                                    tuple(loss.layer_map_explicit))
             pairs = tuple((m, t) for m, t in zip(range(1, student_layers + 1), teacher_of))
@@ -452,6 +461,33 @@ def combined_loss(spec: LossSpec, student_out: BertOutput, teacher_out: dict | N
 # The student update step
 
 
+def student_forward(student: DistillStudent, batch: dict, dropout_key: jax.Array,
+                    spec: LossSpec) -> tuple[BertOutput, jax.Array | None]:
+    """The student's training forward pass with what `spec`'s terms need: hidden states,
+    attention, and MLM logits at the masked slots (after `mask_tokens`) when there is an mlm term.
+    """
+    out = student.model(*_inputs(batch), dropout_key=dropout_key,
+                        output_hidden_states=spec.needs_hidden,
+                        output_attentions=spec.needs_attention)
+    mlm_logits = None
+    if spec.mlm:
+        # The vocabulary projection only at the masked slots: [B, P, H] -> [B, P, V].
+        at_slots = jnp.take_along_axis(out.last_hidden_state, batch["mlm_positions"][..., None], 1)
+        mlm_logits = student.model.mlm(
+            at_slots, student.model.bert.embeddings.word_embeddings.embedding[...])
+    return out, mlm_logits
+
+
+def student_step_metrics(metrics: dict, loss: jax.Array, logits: jax.Array, batch: dict,
+                         grads: nnx.State) -> dict:
+    """`metrics` plus the sums the training loop reports for every student step: loss, count,
+    correct (labelled rows) and the gradient norm."""
+    rows = batch["weights"]
+    return {**metrics, "loss_sum": loss * jnp.sum(rows), "count": jnp.sum(rows),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * rows),
+            "grad_norm": optax.tree.norm(grads)}
+
+
 def distill_step(state: train.TrainState, teachers: Teachers | None, batch: dict,
                  dropout_base_key: jax.Array, *, spec: LossSpec,
                  ) -> tuple[train.TrainState, dict]:
@@ -478,28 +514,14 @@ def distill_step(state: train.TrainState, teachers: Teachers | None, batch: dict
 
     def loss_fn(params):
         student = nnx.merge(state.graphdef, params)
-        out = student.model(*_inputs(batch), dropout_key=dropout_key,
-                            output_hidden_states=spec.needs_hidden,
-                            output_attentions=spec.needs_attention)
-        mlm_logits = None
-        if spec.mlm:
-            # The vocabulary projection only at the masked slots: [B, P, H] -> [B, P, V].
-            at_slots = jnp.take_along_axis(out.last_hidden_state,
-                                           batch["mlm_positions"][..., None], 1)
-            mlm_logits = student.model.mlm(
-                at_slots, student.model.bert.embeddings.word_embeddings.embedding[...])
+        out, mlm_logits = student_forward(student, batch, dropout_key, spec)
         loss, metrics = combined_loss(spec, out, teacher_out, batch, state.step,
                                       student.projection, mlm_logits)
         return loss, (metrics, out.logits)
 
     (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    rows = batch["weights"]
-    metrics.update(loss_sum=loss * jnp.sum(rows), count=jnp.sum(rows),
-                   correct=jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * rows),
-                   grad_norm=optax.tree.norm(grads))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return (train.apply_gradients(state, grads),
+            student_step_metrics(metrics, loss, logits, batch, grads))
 
 
 def make_distill_step(mesh: Mesh, spec: LossSpec, step_fn: Callable = distill_step,
@@ -659,6 +681,15 @@ def inference_speed(model: BertClassifier, split: data.EncodedSplit, batch_size:
                for _ in range(repeats))
 
 
+# Recipes whose student or step differs from the BERT student trained by `distill` below: their
+# own run function (same signature, same workdir layout and eval.json keys), chosen by
+# `config.method`.
+_METHOD_RUNNERS = {
+    "bilstm": "kdjax.bilstm:distill_bilstm",
+    "newsbert": "kdjax.newsbert:distill_newsbert",
+}
+
+
 def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             progress: bool = True, extra_terms: tuple = (),
             measure_throughput: bool = True) -> dict:
@@ -678,6 +709,14 @@ def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     Returns:
       The student's dev metrics, teacher accuracy, agreement, timings and throughputs.
     """
+    method = config.get("method", "bert")
+    if method != "bert":
+        if method not in _METHOD_RUNNERS:
+            raise DistillError(f"unknown method {method!r}; choose bert, "
+                               f"{', '.join(_METHOD_RUNNERS)}")
+        module, function = _METHOD_RUNNERS[method].split(":")
+        runner = getattr(importlib.import_module(module), function)
+        return runner(config, workdir, progress=progress, measure_throughput=measure_throughput)
     workdir, mesh = train.start_run(config, workdir)
 
     task = data.load_task(config.data.task, train_file=config.data.train_file,
@@ -737,11 +776,17 @@ def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         optim_config.lr = stage.lr or config.optim.lr
         tx = optim.make_optimizer(optim_config, total_steps)
         state = sharding.replicate(train.TrainState.create(student, tx), mesh)
-        jitted = make_distill_step(mesh, spec)
+        step_fn = functools.partial(_with_teachers, make_distill_step(mesh, spec),
+                                    stage_teachers)
+        if spec.adversarial:
+            # KDABert: per-layer discriminators and alternating updates (kdjax/adversarial.py).
+            from kdjax import adversarial
+            state, step_fn = adversarial.setup_stage(config, spec, state, stage_teachers, mesh,
+                                                     log=log, description=name)
         print(f"stage {name}: {total_steps} steps over {len(batcher.split)} examples, terms "
               f"{[t for t in _term_names(spec)]}", flush=True)
         run = train.train_loop(
-            state, functools.partial(_with_teachers, jitted, stage_teachers), batcher,
+            state, step_fn, batcher,
             total_steps=total_steps, train_config=config.train,
             checkpoint_dir=workdir / "stages" / name / "checkpoints", log=log, mesh=mesh,
             dropout_key=dropout_key,
@@ -784,12 +829,19 @@ def _finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, in
 
     labels, num_labels = inputs.dev.labels, inputs.task.num_labels
     student_logits = dev_logits(student)
-    teacher_probs = np.mean([jax.nn.softmax(dev_logits(t)) for t in teachers], 0)
+    each_teacher_probs = [jax.nn.softmax(dev_logits(t)) for t in teachers]
+    # Several teachers: "the teacher" is their ensemble (averaged probabilities, as the soft
+    # targets are); each one's own accuracy is kept to compare the student with the best.
+    teacher_probs = np.mean(each_teacher_probs, 0)
     student_pred, teacher_pred = student_logits.argmax(-1), teacher_probs.argmax(-1)
+    single_accuracies = [float(np.mean(np.asarray(p).argmax(-1) == labels))
+                         for p in each_teacher_probs]
     result = metrics_lib.classification_metrics(student_pred, labels, num_labels)
     teacher_metrics = metrics_lib.classification_metrics(teacher_pred, labels, num_labels)
     result.update(
         teacher_accuracy=teacher_metrics["accuracy"],
+        teacher_accuracies=single_accuracies,
+        best_single_teacher_accuracy=max(single_accuracies),
         teacher_agreement=float(np.mean(student_pred == teacher_pred)),
         student_layers=student.config.num_hidden_layers,
         student_hidden=student.config.hidden_size,

@@ -212,3 +212,81 @@ def mlm_cross_entropy(mlm_logits: jax.Array, target_ids: jax.Array,
     per_position = optax.losses.softmax_cross_entropy_with_integer_labels(
         _f32(mlm_logits), target_ids)
     return _masked_token_mean(per_position, where)
+
+
+# ------------------------------------------------------------------------------------------------
+# Adversarial losses (KDABert, kdjax/adversarial.py). A discriminator D scores a feature vector
+# with one logit; teacher features are "real" (target 1), student features "fake" (target 0).
+# Each function takes D's logits per example ([B], one layer) and returns [B].
+#
+# References: Goodfellow et al. 2014 (non-saturating GAN loss); Salimans et al. 2016 (one-sided
+# label smoothing); Lim & Ye 2017, Miyato et al. 2018 (hinge loss); Arjovsky et al. 2017,
+# Gulrajani et al. 2017 (WGAN, gradient penalty).
+
+
+def bce_discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, *,
+                           label_smoothing: float = 0.1) -> jax.Array:
+    """The non-saturating GAN's discriminator loss with one-sided label smoothing, per example.
+
+    `-[s log sigmoid(r) + (1 - s) log(1 - sigmoid(r))] - log(1 - sigmoid(f))` with the real
+    target `s = 1 - label_smoothing` (0.9 by default); fake targets stay 0 (one-sided).
+
+    Args:
+      real_logits: [B] D's logits on teacher features.
+      fake_logits: [B] D's logits on (stop-gradient) student features.
+      label_smoothing: how far below 1 the real target is; 0 gives plain binary cross-entropy.
+
+    Returns:
+      [B] losses.
+    """
+    real_logits, fake_logits = _f32(real_logits), _f32(fake_logits)
+    real = optax.losses.sigmoid_binary_cross_entropy(
+        real_logits, jnp.full_like(real_logits, 1.0 - label_smoothing))
+    fake = optax.losses.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))
+    return real + fake
+
+
+def bce_generator_loss(fake_logits: jax.Array) -> jax.Array:
+    """The non-saturating generator (student) loss `-log sigmoid(D(h_s))`, per example. [B]."""
+    return jax.nn.softplus(-_f32(fake_logits))
+
+
+def hinge_discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """Hinge discriminator loss `max(0, 1 - D(h_t)) + max(0, 1 + D(h_s))`, per example. [B]."""
+    return jax.nn.relu(1.0 - _f32(real_logits)) + jax.nn.relu(1.0 + _f32(fake_logits))
+
+
+def hinge_generator_loss(fake_logits: jax.Array) -> jax.Array:
+    """Hinge generator (student) loss `-D(h_s)`, per example. [B]."""
+    return -_f32(fake_logits)
+
+
+def wasserstein_critic_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """WGAN critic loss `D(h_s) - D(h_t)` per example (add `gradient_penalty`). [B]."""
+    return _f32(fake_logits) - _f32(real_logits)
+
+
+def wasserstein_generator_loss(fake_logits: jax.Array) -> jax.Array:
+    """WGAN generator (student) loss `-D(h_s)`, per example. [B]."""
+    return -_f32(fake_logits)
+
+
+def gradient_penalty(critic, real_features: jax.Array, fake_features: jax.Array,
+                     interpolation: jax.Array) -> jax.Array:
+    """WGAN-GP's `(||grad_x D(x_hat)||_2 - 1)^2` at `x_hat = e * real + (1 - e) * fake`.
+
+    Args:
+      critic: [B, F] -> [B]; each row's score must depend on that row only (an MLP), so the
+        gradient of the summed scores gives every row's own input gradient.
+      real_features, fake_features: [B, F].
+      interpolation: [B] mixing weights e, drawn from U[0, 1].
+
+    Returns:
+      [B] penalties (differentiable with respect to the critic's parameters).
+    """
+    e = _f32(interpolation)[:, None]
+    x_hat = e * _f32(real_features) + (1.0 - e) * _f32(fake_features)
+    grads = jax.grad(lambda x: jnp.sum(critic(x)))(x_hat)  # [B, F]
+    # The epsilon keeps the norm's own gradient finite where the input gradient vanishes.
+    norm = jnp.sqrt(jnp.sum(jnp.square(grads), axis=-1) + 1e-12)
+    return jnp.square(norm - 1.0)

@@ -64,6 +64,14 @@ class TrainState:
                             opt_state=arrays["opt_state"])
 
 
+def apply_gradients(state: TrainState, grads: nnx.State, **changes) -> TrainState:
+    """The optimizer update every step kind ends with: new parameters and optimizer state, the
+    step counter advanced, and any other `changes` to the state's fields."""
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state, **changes)
+
+
 def _model_inputs(batch: dict) -> tuple:
     return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
@@ -108,11 +116,9 @@ def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array,
         return loss, (per_example, logits)
 
     (_, (per_example, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     step_metrics = weighted_sums(per_example, logits, batch)
     step_metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+    return apply_gradients(state, grads), step_metrics
 
 
 def predict_step(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array:

@@ -90,3 +90,24 @@ def toy_config(tmp_path, tiny_hf_dir):
         f"data.dev_file={dev}", "data.max_length=16", "data.batch_size=16",
         "data.eval_batch_size=16", "optim.lr=1e-3", "train.log_every=2",
         "train.num_devices=1"])
+
+
+def random_token_batch(seed: int, batch_size: int = 16, length: int = 12, vocab: int = 64,
+                       num_labels: int = 3) -> dict:
+    """A host batch of random ids for tiny models: [CLS] (1) ... [SEP] (2), then padding; ids 4+
+    are ordinary tokens. The first 3 rows are unlabelled (-1, as in a transfer set) and the last
+    2 are padding rows (weight 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, length + 1, batch_size)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(4, vocab, (batch_size, length))
+    ids[:, 0] = 1
+    ids[np.arange(batch_size), lengths - 1] = 2
+    labels = rng.integers(0, num_labels, batch_size)
+    labels[:3] = -1
+    return {"input_ids": (ids * mask).astype(np.int32), "attention_mask": mask,
+            "token_type_ids": np.zeros((batch_size, length), np.int32),
+            "labels": labels.astype(np.int32),
+            "weights": np.r_[np.ones(batch_size - 2), np.zeros(2)].astype(np.float32)}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT, write_toy_task
+from conftest import REPO_ROOT, random_token_batch, write_toy_task
 from kdjax import config as config_lib, distill, hf, optim, sharding, train
 from kdjax.models.bert import BertClassifier, BertConfig, count_params
 
@@ -23,18 +23,7 @@ TINY_TOKENS = dict(mask_token_id=3, special_token_ids=(0, 1, 2), vocab_size=64)
 
 
 def _batch(seed, batch_size=16, length=12):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, length + 1, batch_size)
-    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-    ids = rng.integers(4, 64, (batch_size, length))
-    ids[:, 0] = 1  # [CLS]
-    ids[np.arange(batch_size), lengths - 1] = 2  # [SEP]
-    labels = rng.integers(0, 3, batch_size)
-    labels[:3] = -1  # Unlabelled rows, as in a transfer set.
-    return {"input_ids": (ids * mask).astype(np.int32), "attention_mask": mask,
-            "token_type_ids": np.zeros((batch_size, length), np.int32),
-            "labels": labels.astype(np.int32),
-            "weights": np.r_[np.ones(batch_size - 2), np.zeros(2)].astype(np.float32)}
+    return random_token_batch(seed, batch_size, length)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,3 +277,19 @@ def test_tinybert_runs_its_three_stages_with_a_narrow_student(tmp_path, tiny_hf_
               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"general", "intermediate", "prediction", "dev"} <= set(logged)
 
+
+
+def test_kd_ensemble_fine_tunes_one_teacher_per_seed_and_reports_each(tmp_path, tiny_hf_dir):
+    config = _toy_distill_config(tmp_path, tiny_hf_dir, "kd_ensemble", "teacher.seeds=(0,1)",
+                                 "student.layers=1", "train.max_steps=4")
+    result = distill.distill(config, tmp_path / "run", progress=False, measure_throughput=False)
+    # Each member's accuracy, measured independently from its saved directory.
+    eval_config = config_lib.apply_overrides(
+        config_lib.load_config(str(REPO_ROOT / "configs" / "finetune.py")),
+        ["data.task=toy", f"data.train_file={config.data.train_file}",
+         f"data.dev_file={config.data.dev_file}", "data.max_length=16",
+         "data.eval_batch_size=16", "train.num_devices=1"])
+    each = [train.evaluate_saved_model(tmp_path / "run" / f"teacher-seed{seed}" / "model",
+                                       eval_config)["accuracy"] for seed in (0, 1)]
+    assert result["teacher_accuracies"] == pytest.approx(each)
+    assert result["best_single_teacher_accuracy"] == pytest.approx(max(each))
