@@ -1,0 +1,646 @@
+"""KDABert: adversarial distillation of hidden states against per-layer discriminators.
+
+The seed's idea (shared/METHODS.md section 6): instead of (or besides) pulling each student
+hidden state towards the teacher's with an MSE, let one discriminator per mapped layer tell
+teacher features from student features, and train the student to fool it, so the student
+matches the teacher's *distribution* of representations.
+
+- Features: for a layer pair (student m, teacher g(m)) of TinyBERT's map, `[masked mean-pool(h) ;
+  h[CLS]]` ([B, 2d]); the student's hidden states go through its shared projection W_h
+  (`DistillStudent.projection`) when widths differ.
+- Discriminator D_l: MLP 2d -> hidden -> 1, LeakyReLU 0.2, float32, optional spectral norm.
+- Losses (kdjax/losses.py): non-saturating BCE with one-sided label smoothing (default), hinge,
+  or WGAN with gradient penalty.
+- Student loss: the stage's `combined_loss` (KD, CE, optionally gamma * hidden MSE) plus
+  `lambda_adv(step) * sum_l L_G(D_l(h_s))`; lambda_adv is 0 for a warm-up, then ramps in.
+- Updates alternate within each loop step: n_D discriminator steps, then one student step, each
+  a pure jitted function differentiating only its own parameters with its own optax optimizer.
+  The teacher runs once per loop step (`game_inputs`), outside every gradient.
+
+Everything runs through the engine: `kdjax.distill.distill` calls `setup_stage` for a stage
+whose loss has an `adversarial` weight, and hands the returned `AdversarialState` (checkpointed
+and resumed by `train.train_loop` like any state) and `AlternatingStep` to `train.train_loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from kdjax import distill, losses, recipes, sharding, train
+
+LOSS_KINDS = ("bce", "hinge", "wgan_gp")
+# Salt for the discriminator's random stream (gradient-penalty interpolation), so it never
+# coincides with the student's dropout keys derived from the same base key.
+_DISCRIMINATOR_STREAM = 0x0D15C
+
+
+def discriminator_config(loss: str = "bce") -> ml_collections.ConfigDict:
+    """The `discriminator` config section, with defaults that suit `loss`.
+
+    bce / hinge: Adam lr 2e-4, betas (0.5, 0.999) (DCGAN's), spectral norm on, one D step per
+    student step. wgan_gp: Adam lr 1e-4, betas (0.0, 0.9), no spectral norm (the gradient
+    penalty is the Lipschitz constraint), 5 critic steps per student step, penalty weight 10
+    (Gulrajani et al. 2017).
+    """
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"unknown discriminator loss {loss!r}; choose {', '.join(LOSS_KINDS)}")
+    wgan = loss == "wgan_gp"
+    section = ml_collections.ConfigDict()
+    section.loss = loss  # bce (non-saturating) | hinge | wgan_gp
+    section.hidden = 256  # Width of each discriminator's hidden layer.
+    section.lr = 1e-4 if wgan else 2e-4  # Constant: D keeps pace with the student throughout.
+    section.b1 = 0.0 if wgan else 0.5
+    section.b2 = 0.9 if wgan else 0.999
+    # Discriminator updates per student update; 0 = by loss (1 for bce/hinge, 5 for wgan_gp), so
+    # --config.discriminator.loss=wgan_gp alone gets the usual 5.
+    section.steps_per_student_step = 0
+    section.spectral_norm = not wgan
+    # One-sided: the teacher features' BCE target is 1 - label_smoothing (0.9); students' is 0.
+    section.label_smoothing = 0.1
+    section.gp_weight = 10.0  # wgan_gp only.
+    # Warn when D wins (accuracy >= 0.99) or collapses for this many consecutive steps.
+    section.health_window = 200
+    return section
+
+
+def kdabert_config(arg: str | None = None, *, hidden_mse: float = 0.0,
+                   ) -> ml_collections.ConfigDict:
+    """configs/kdabert.py (`hidden_mse` = 0) and configs/kdabert_mse.py (`hidden_mse` = 1).
+
+    Student loss `0.5 T^2 KL (T = 2) + 0.5 CE + gamma * sum_l MSE(h_s W_h, h_t) + lambda_adv *
+    sum_l L_G`: KD and CE as configs/kd.py, gamma = `hidden_mse`, lambda_adv = 0.1 (0 for the
+    first 10 % of the stage, ramped in over the next 10 %), TinyBERT's uniform layer map.
+
+    Args:
+      arg: `SETTING[,LOSS]`: a `recipes.SETTINGS` name (default tenth_size) and the
+        discriminator loss (bce, the default; hinge; wgan_gp), which picks the discriminator
+        section's defaults (`discriminator_config`).
+      hidden_mse: gamma, the weight of the hidden-state MSE.
+    """
+    setting, _, loss = (arg or "").partition(",")
+    config = recipes.distill_config(setting or "tenth_size")
+    config.recipe = "kdabert_mse" if hidden_mse else "kdabert"
+    alpha = 0.5
+    loss_section = config.distill.loss
+    loss_section.soft = alpha
+    loss_section.ce = 1 - alpha
+    loss_section.temperature = 2.0
+    loss_section.layer_map = "uniform"
+    loss_section.hidden = float(hidden_mse)
+    loss_section.adversarial = 0.1
+    loss_section.adversarial_warmup = 0.1
+    loss_section.adversarial_ramp = 0.1
+    config.discriminator = discriminator_config(loss or "bce")
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class GameSpec:
+    """Static description of the adversarial game (hashable: the jitted steps specialise on it).
+    """
+
+    loss: str = "bce"
+    label_smoothing: float = 0.1
+    gp_weight: float = 10.0
+    discriminator_steps: int = 1
+
+    def __post_init__(self):
+        if self.loss not in LOSS_KINDS:
+            raise distill.DistillError(f"discriminator.loss must be one of {LOSS_KINDS}, got "
+                                       f"{self.loss!r}")
+        if self.discriminator_steps < 1:
+            raise distill.DistillError("discriminator steps per student step must be >= 1, got "
+                                       f"{self.discriminator_steps}")
+
+    @classmethod
+    def from_config(cls, section: ml_collections.ConfigDict) -> "GameSpec":
+        steps = section.steps_per_student_step or (5 if section.loss == "wgan_gp" else 1)
+        return cls(loss=section.loss, label_smoothing=section.label_smoothing,
+                   gp_weight=section.gp_weight, discriminator_steps=steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Discriminators
+
+
+class PowerVector(nnx.Variable):
+    """Spectral normalisation's running singular-vector estimate: discriminator state that the
+    discriminator step advances by one power iteration, never an optimizer."""
+
+
+def _l2_normalize(v: jax.Array) -> jax.Array:
+    return v / jnp.maximum(jnp.linalg.norm(v), 1e-12)
+
+
+class DiscriminatorDense(nnx.Module):
+    """A float32 dense layer, optionally spectrally normalised (Miyato et al. 2018): the kernel
+    is divided by its largest singular value, estimated with the stored vector `u`."""
+
+    def __init__(self, d_in: int, d_out: int, *, spectral_norm: bool, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d_in, d_out),
+                                                                 jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32))
+        self.u = (PowerVector(_l2_normalize(jax.random.normal(rngs.params(), (d_out,))))
+                  if spectral_norm else None)
+
+    def effective_kernel(self) -> jax.Array:
+        """The kernel the layer applies: W / sigma(W) with spectral norm, else W. sigma = v^T W u
+        with v = normalize(W u); u and v are constants for the gradient, as in Miyato et al."""
+        kernel = self.kernel[...]
+        if self.u is None:
+            return kernel
+        u = jax.lax.stop_gradient(self.u[...])
+        v = jax.lax.stop_gradient(_l2_normalize(kernel @ u))
+        sigma = v @ kernel @ u
+        return kernel / jnp.maximum(sigma, 1e-12)
+
+    def power_iteration(self) -> None:
+        """Advances `u` by one power-iteration step on the current kernel, in place."""
+        if self.u is None:
+            return
+        kernel = jax.lax.stop_gradient(self.kernel[...])
+        v = _l2_normalize(kernel @ self.u[...])
+        self.u[...] = _l2_normalize(kernel.T @ v)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.effective_kernel() + self.bias[...]
+
+
+class LayerDiscriminator(nnx.Module):
+    """D_l: features [B, F] -> logits [B]; an MLP F -> hidden -> 1 with LeakyReLU 0.2, float32."""
+
+    def __init__(self, features: int, hidden: int, *, spectral_norm: bool, rngs: nnx.Rngs):
+        self.hidden_layer = DiscriminatorDense(features, hidden, spectral_norm=spectral_norm,
+                                               rngs=rngs)
+        self.output_layer = DiscriminatorDense(hidden, 1, spectral_norm=spectral_norm, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.leaky_relu(self.hidden_layer(x.astype(jnp.float32)), 0.2)
+        return self.output_layer(h)[..., 0]
+
+
+class Discriminators(nnx.Module):
+    """One `LayerDiscriminator` per mapped layer pair, each seeing `[mean-pool ; CLS]` features
+    (2 * `width` wide)."""
+
+    def __init__(self, num_layers: int, width: int, hidden: int = 256, *,
+                 spectral_norm: bool = False, rngs: nnx.Rngs):
+        self.layers = nnx.List([LayerDiscriminator(2 * width, hidden,
+                                                   spectral_norm=spectral_norm, rngs=rngs)
+                                for _ in range(num_layers)])
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """[P, B, 2d] features of P layers -> [P, B] logits."""
+        return jnp.stack([d(f) for d, f in zip(self.layers, features)])
+
+    def power_iteration(self) -> None:
+        for d in self.layers:
+            d.hidden_layer.power_iteration()
+            d.output_layer.power_iteration()
+
+
+# ------------------------------------------------------------------------------------------------
+# States
+
+
+@flax.struct.dataclass
+class DiscriminatorState(train.TrainState):
+    """A `TrainState` for the discriminators plus their spectral-norm vectors (empty without
+    spectral norm), which are checkpointed but not optimised."""
+
+    power_vectors: nnx.State = None
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation,
+               ) -> "DiscriminatorState":
+        graphdef, params, power_vectors = nnx.split(model, nnx.Param, PowerVector)
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                   graphdef=graphdef, tx=tx, power_vectors=power_vectors)
+
+    def model(self) -> Discriminators:
+        return nnx.merge(self.graphdef, self.params, self.power_vectors)
+
+    def arrays(self) -> dict:
+        return {**super().arrays(), "power_vectors": self.power_vectors}
+
+    def with_arrays(self, arrays: dict) -> "DiscriminatorState":
+        return super().with_arrays(arrays).replace(power_vectors=arrays["power_vectors"])
+
+
+@flax.struct.dataclass
+class AdversarialState:
+    """What `train.train_loop` carries for a KDABert stage: the student's and the
+    discriminators' states, each with its own optimizer state, checkpointed together."""
+
+    student: train.TrainState
+    discriminator: DiscriminatorState
+
+    @property
+    def step(self) -> jax.Array:
+        """The loop's step: student updates."""
+        return self.student.step
+
+    def model(self) -> distill.DistillStudent:
+        """The student (what the stage trains; the discriminators are discarded at the end)."""
+        return self.student.model()
+
+    def arrays(self) -> dict:
+        return {"student": self.student.arrays(), "discriminator": self.discriminator.arrays()}
+
+    def with_arrays(self, arrays: dict) -> "AdversarialState":
+        return self.replace(student=self.student.with_arrays(arrays["student"]),
+                            discriminator=self.discriminator.with_arrays(arrays["discriminator"]))
+
+
+def make_discriminator_optimizer(section: ml_collections.ConfigDict,
+                                 ) -> optax.GradientTransformation:
+    """Adam at a constant `section.lr` with `section.b1`, `section.b2` (no weight decay)."""
+    return optax.adam(section.lr, b1=section.b1, b2=section.b2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Features, schedule, objectives
+
+
+def pooled_features(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """`[masked mean-pool(h), h[CLS]]` in float32: [B, L, H] -> [B, 2, H]."""
+    hidden = hidden.astype(jnp.float32)
+    real = attention_mask.astype(jnp.float32)[..., None]  # [B, L, 1]
+    mean = jnp.sum(hidden * real, 1) / jnp.maximum(jnp.sum(real, 1), 1.0)
+    return jnp.stack([mean, hidden[:, 0]], axis=1)
+
+
+def layer_features(hidden_states, indices: tuple[int, ...], attention_mask: jax.Array,
+                   projection: Callable | None = None) -> jax.Array:
+    """The discriminators' inputs for layers `indices` of `hidden_states`: [P, B, 2d].
+
+    `projection` (the student's W_h) is applied after pooling: mean-pooling and taking [CLS] are
+    linear and the pooling weights sum to 1, so this equals projecting every token first.
+    """
+    features = []
+    for index in indices:
+        pooled = pooled_features(hidden_states[index], attention_mask)
+        if projection is not None:
+            pooled = projection(pooled).astype(jnp.float32)
+        features.append(pooled.reshape(pooled.shape[0], -1))
+    return jnp.stack(features)
+
+
+def adversarial_weight(spec: distill.LossSpec, step: jax.Array) -> jax.Array:
+    """lambda_adv at `step`: 0 during the first `adversarial_warmup` of the stage, then a linear
+    ramp to `spec.adversarial` over the next `adversarial_ramp` (a step at once when 0)."""
+    progress = jnp.asarray(step, jnp.float32) / max(spec.total_steps, 1)
+    if spec.adversarial_ramp > 0:
+        factor = jnp.clip((progress - spec.adversarial_warmup) / spec.adversarial_ramp, 0.0, 1.0)
+    else:
+        factor = (progress >= spec.adversarial_warmup).astype(jnp.float32)
+    return spec.adversarial * factor
+
+
+def generator_loss(game: GameSpec, fake_logits: jax.Array) -> jax.Array:
+    """The student's adversarial loss per layer and example: [P, B] -> [P, B]."""
+    if game.loss == "bce":
+        return losses.bce_generator_loss(fake_logits)
+    if game.loss == "hinge":
+        return losses.hinge_generator_loss(fake_logits)
+    return losses.wasserstein_generator_loss(fake_logits)
+
+
+def discriminator_objective(discriminators: Discriminators, real: jax.Array, fake: jax.Array,
+                            game: GameSpec, key: jax.Array,
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Every discriminator's loss, summed over layers, per example.
+
+    Args:
+      discriminators: the P per-layer discriminators.
+      real, fake: [P, B, 2d] teacher and (stop-gradient) student features.
+      game: the loss kind and its settings.
+      key: draws the gradient penalty's interpolation weights.
+
+    Returns:
+      ([B] losses, [P, B] real logits, [P, B] fake logits).
+    """
+    real_logits, fake_logits = discriminators(real), discriminators(fake)
+    if game.loss == "bce":
+        per_layer = losses.bce_discriminator_loss(real_logits, fake_logits,
+                                                  label_smoothing=game.label_smoothing)
+    elif game.loss == "hinge":
+        per_layer = losses.hinge_discriminator_loss(real_logits, fake_logits)
+    else:
+        per_layer = losses.wasserstein_critic_loss(real_logits, fake_logits)
+        if game.gp_weight:
+            mix = jax.random.uniform(key, real.shape[:2])  # [P, B]
+            penalty = jnp.stack([losses.gradient_penalty(d, r, f, e) for d, r, f, e in
+                                 zip(discriminators.layers, real, fake, mix)])
+            per_layer = per_layer + game.gp_weight * penalty
+    return jnp.sum(per_layer, 0), real_logits, fake_logits
+
+
+# ------------------------------------------------------------------------------------------------
+# The steps
+
+
+def _step_batch_and_dropout(spec: distill.LossSpec, batch: dict, dropout_base_key: jax.Array,
+                            step: jax.Array) -> tuple[dict, jax.Array]:
+    """The keys `distill.distill_step` derives for student step `step`, and the (masked, for an
+    mlm term) batch: `game_inputs` and `student_step` use the same ones, so the discriminators
+    train on exactly the student features the student step then produces."""
+    key = jax.random.fold_in(dropout_base_key, step)
+    dropout_key, mask_key = jax.random.split(key)
+    if spec.mlm:
+        batch = distill.mask_tokens(batch, mask_key, spec)
+    return batch, dropout_key
+
+
+def _model_inputs(batch: dict) -> tuple:
+    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+def game_inputs(state: AdversarialState, teachers: distill.Teachers, batch: dict,
+                dropout_base_key: jax.Array, *, spec: distill.LossSpec) -> dict:
+    """The loop step's shared forward passes, all outside any gradient: the teacher's outputs
+    (for the student's loss) and both sides' discriminator features.
+
+    Returns:
+      `teacher_out` (see `distill.teacher_forward`), `real` and `fake` features [P, B, 2d], and
+      the row `weights` [B].
+    """
+    batch, dropout_key = _step_batch_and_dropout(spec, batch, dropout_base_key,
+                                                 state.student.step)
+    teacher_out = distill.teacher_forward(teachers, batch, logits=spec.needs_logits, hidden=True,
+                                          attention=spec.needs_attention)
+    student = state.student.model()
+    out = student.model(*_model_inputs(batch), dropout_key=dropout_key, output_hidden_states=True)
+    student_layers, teacher_layers = zip(*spec.layer_pairs)
+    mask = batch["attention_mask"]
+    fake = layer_features(out.hidden_states, student_layers, mask, student.projection)
+    real = layer_features(teacher_out["hidden_states"], teacher_layers, mask)
+    return {"teacher_out": teacher_out, "real": real, "fake": jax.lax.stop_gradient(fake),
+            "weights": batch["weights"]}
+
+
+def discriminator_step(state: AdversarialState, inputs: dict, dropout_base_key: jax.Array, *,
+                       game: GameSpec) -> tuple[AdversarialState, dict]:
+    """One update of every discriminator on fixed features; the student is passed through.
+
+    Spectral norm's vectors advance by one power iteration first (outside the gradient); the
+    gradient is taken with respect to the discriminators' parameters only.
+
+    Args:
+      state: the composite state (donated by the jitted version).
+      inputs: `real`, `fake` [P, B, 2d] and `weights` [B] (see `game_inputs`).
+      dropout_base_key: the run's key; the step's key is folded from it and D's step counter.
+
+    Returns:
+      (new state, metric sums: d_loss, d_real_accuracy (teacher features called real),
+      d_fake_accuracy (student features called fake), d_grad_norm).
+    """
+    d = state.discriminator
+    key = jax.random.fold_in(jax.random.fold_in(dropout_base_key, _DISCRIMINATOR_STREAM), d.step)
+    module = d.model()
+    module.power_iteration()
+    power_vectors = nnx.state(module, PowerVector)
+    rows = inputs["weights"]
+    count = jnp.sum(rows)
+
+    def loss_fn(params):
+        discriminators = nnx.merge(d.graphdef, params, power_vectors)
+        per_example, real_logits, fake_logits = discriminator_objective(
+            discriminators, inputs["real"], inputs["fake"], game, key)
+        loss = jnp.sum(per_example * rows) / jnp.maximum(count, 1.0)
+        return loss, (real_logits, fake_logits)
+
+    (loss, (real_logits, fake_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        d.params)
+    layers = real_logits.shape[0]
+    metrics = {
+        "d_loss_sum": loss * count, "d_loss_count": count,
+        "d_real_accuracy_sum": jnp.sum((real_logits > 0) * rows),
+        "d_real_accuracy_count": count * layers,
+        "d_fake_accuracy_sum": jnp.sum((fake_logits < 0) * rows),
+        "d_fake_accuracy_count": count * layers,
+        "d_grad_norm_sum": optax.tree.norm(grads), "d_grad_norm_count": jnp.ones(()),
+    }
+    new_d = train.apply_gradients(d, grads, power_vectors=power_vectors)
+    return state.replace(discriminator=new_d), metrics
+
+
+def student_step(state: AdversarialState, inputs: dict, batch: dict,
+                 dropout_base_key: jax.Array, *, spec: distill.LossSpec, game: GameSpec,
+                 ) -> tuple[AdversarialState, dict]:
+    """One student update: `distill.combined_loss` plus lambda_adv * the adversarial loss against
+    the current (fixed) discriminators; the discriminators are passed through.
+
+    Args:
+      state: the composite state (donated by the jitted version).
+      inputs: from `game_inputs` on this batch (the teacher's outputs are read from it).
+      batch: the (global) batch.
+      dropout_base_key: the run's key; the step's keys are folded from it and the student step.
+
+    Returns:
+      (new state, metric sums as `distill.distill_step`'s plus `adversarial` (the unweighted
+      student loss against D, summed over layers) and `adversarial_weight`).
+    """
+    s = state.student
+    batch, dropout_key = _step_batch_and_dropout(spec, batch, dropout_base_key, s.step)
+    # Constants here: the gradient below is with respect to the student's parameters only.
+    discriminators = jax.lax.stop_gradient(state.discriminator).model()
+    weight = adversarial_weight(spec, s.step)
+    student_layers = tuple(m for m, _ in spec.layer_pairs)
+    rows = batch["weights"]
+
+    def loss_fn(params):
+        student = nnx.merge(s.graphdef, params)
+        # spec.needs_hidden holds for an adversarial spec: the features are hidden states.
+        out, mlm_logits = distill.student_forward(student, batch, dropout_key, spec)
+        loss, metrics = distill.combined_loss(spec, out, inputs["teacher_out"], batch, s.step,
+                                              student.projection, mlm_logits)
+        fake = layer_features(out.hidden_states, student_layers, batch["attention_mask"],
+                              student.projection)
+        per_example = jnp.sum(generator_loss(game, discriminators(fake)), 0)  # [B]
+        total, count = jnp.sum(per_example * rows), jnp.sum(rows)
+        loss = loss + weight * total / jnp.maximum(count, 1.0)
+        metrics.update(adversarial_sum=total, adversarial_count=count,
+                       adversarial_weight_sum=weight * count, adversarial_weight_count=count)
+        return loss, (metrics, out.logits)
+
+    (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(s.params)
+    return (state.replace(student=train.apply_gradients(s, grads)),
+            distill.student_step_metrics(metrics, loss, logits, batch, grads))
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop's step and the health monitor
+
+
+class DiscriminatorMonitor:
+    """Warns when the game goes wrong, from D's per-step accuracies.
+
+    - wins: mean accuracy (teacher features called real, student features called fake)
+      >= `win_accuracy` for `window` consecutive steps: the student gets no useful signal.
+    - collapses: mean accuracy within `collapse_band` of 0.5 while D either predicts a single
+      class (|real acc - fake acc| >= 0.95) or has a ~0 gradient, for `window` consecutive
+      steps: D no longer tells the two apart (or the student matches the teacher perfectly).
+
+    Each warning is printed once per stretch (again only after the condition has broken) and
+    written to the metric log (split "warning"). Steps are fetched from the device once every
+    `check_every` steps (the log interval), never per step. For wgan_gp the accuracies are by the
+    critic's sign, which is only a rough guide.
+    """
+
+    def __init__(self, *, window: int = 200, check_every: int = 50, log=None,
+                 description: str = "distill", win_accuracy: float = 0.99,
+                 collapse_band: float = 0.05, dead_grad_norm: float = 1e-6):
+        self.window, self.check_every, self.log = window, check_every, log
+        self.description = description
+        self.win_accuracy, self.collapse_band = win_accuracy, collapse_band
+        self.dead_grad_norm = dead_grad_norm
+        self.stretch = {"wins": 0, "collapses": 0}
+        self.warnings: list[tuple[int, str, str]] = []
+        self._pending: list[tuple[int, dict]] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Queues step `step`'s D metric sums (device arrays); checks every `check_every`."""
+        self._pending.append((step, {k: metrics[k] for k in (
+            "d_real_accuracy_sum", "d_real_accuracy_count", "d_fake_accuracy_sum",
+            "d_fake_accuracy_count", "d_grad_norm_sum", "d_grad_norm_count")}))
+        if len(self._pending) >= self.check_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fetches the queued steps (one host transfer) and checks them in order."""
+        pending, self._pending = self._pending, []
+        for (step, _), m in zip(pending, jax.device_get([m for _, m in pending])):
+            mean = lambda name: float(m[f"{name}_sum"] / max(m[f"{name}_count"], 1e-9))
+            self.observe(step, real_accuracy=mean("d_real_accuracy"),
+                         fake_accuracy=mean("d_fake_accuracy"), grad_norm=mean("d_grad_norm"))
+
+    def observe(self, step: int, *, real_accuracy: float, fake_accuracy: float,
+                grad_norm: float) -> list[str]:
+        """Checks one step; returns the warnings it raised (usually none)."""
+        accuracy = (real_accuracy + fake_accuracy) / 2
+        one_class = abs(real_accuracy - fake_accuracy) >= 0.95
+        conditions = {
+            "wins": accuracy >= self.win_accuracy,
+            "collapses": (abs(accuracy - 0.5) <= self.collapse_band
+                          and (one_class or grad_norm <= self.dead_grad_norm)),
+        }
+        raised = []
+        for kind, holds in conditions.items():
+            self.stretch[kind] = self.stretch[kind] + 1 if holds else 0
+            if self.stretch[kind] == self.window:
+                raised.append(self._warn(step, kind, real_accuracy, fake_accuracy, grad_norm))
+        return raised
+
+    def _warn(self, step, kind, real_accuracy, fake_accuracy, grad_norm) -> str:
+        what = {"wins": "the discriminator wins completely (the student's adversarial gradient "
+                        "carries little signal; consider a smaller discriminator.lr, spectral "
+                        "norm, or more label smoothing)",
+                "collapses": "the discriminator has collapsed to ~0.5 accuracy (one class or no "
+                             "gradient; check discriminator.lr, or the student already matches)"}
+        message = (f"warning [{self.description}] step {step + 1}: {what[kind]} for "
+                   f"{self.window} steps: accuracy on teacher features {real_accuracy:.3f}, on "
+                   f"student features {fake_accuracy:.3f}, D gradient norm {grad_norm:.2e}")
+        print(message, flush=True)
+        self.warnings.append((step, kind, message))
+        if self.log is not None:
+            self.log.write(step + 1, "warning", {"stage": self.description,
+                                                 "warning": f"discriminator_{kind}",
+                                                 "message": message})
+        return message
+
+
+class AlternatingStep:
+    """`train.train_loop`'s step for a KDABert stage: `(state, batch, key) -> (state, metrics)`.
+
+    Runs the jitted `game_inputs` once (teacher forward and features), then the jitted
+    `discriminator_step` n_D times on those features, then the jitted `student_step`, all on the
+    same batch. Metrics merge both sides (the D sums accumulate over the n_D steps); a non-finite
+    D loss is reported through the student's `grad_norm`, so the loop's NaN check stops the run.
+    """
+
+    def __init__(self, mesh: Mesh, spec: distill.LossSpec, game: GameSpec,
+                 teachers: distill.Teachers, *, monitor: DiscriminatorMonitor | None = None,
+                 inputs_fn: Callable = game_inputs,
+                 discriminator_fn: Callable = discriminator_step,
+                 student_fn: Callable = student_step):
+        rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+        self.game, self.teachers, self.monitor = game, teachers, monitor
+        self.inputs = jax.jit(functools.partial(inputs_fn, spec=spec),
+                              in_shardings=(rep, rep, split, rep))
+        # Inputs keep the shardings they arrive with (state and key replicated, batch and
+        # features split); outputs: the state stays replicated.
+        self.discriminator = jax.jit(functools.partial(discriminator_fn, game=game),
+                                     out_shardings=(rep, rep), donate_argnums=0)
+        self.student = jax.jit(functools.partial(student_fn, spec=spec, game=game),
+                               out_shardings=(rep, rep), donate_argnums=0)
+        self._step: int | None = None
+
+    def __call__(self, state: AdversarialState, batch: dict, dropout_key: jax.Array,
+                 ) -> tuple[AdversarialState, dict]:
+        if self._step is None:
+            self._step = int(state.step)  # Once per run (a resumed run starts mid-stage).
+        inputs = self.inputs(state, self.teachers, batch, dropout_key)
+        features = {k: inputs[k] for k in ("real", "fake", "weights")}
+        d_metrics = None
+        for _ in range(self.game.discriminator_steps):
+            state, metrics = self.discriminator(state, features, dropout_key)
+            d_metrics = metrics if d_metrics is None else jax.tree.map(jnp.add, d_metrics,
+                                                                         metrics)
+        state, metrics = self.student(state, inputs, batch, dropout_key)
+        metrics = {**metrics, **d_metrics}
+        metrics["grad_norm"] = jnp.where(jnp.isfinite(d_metrics["d_loss_sum"]),
+                                         metrics["grad_norm"], jnp.nan)
+        if self.monitor is not None:
+            self.monitor.add(self._step, d_metrics)
+        self._step += 1
+        return state, metrics
+
+
+def setup_stage(config: ml_collections.ConfigDict, spec: distill.LossSpec,
+                student_state: train.TrainState, teachers: distill.Teachers, mesh: Mesh, *,
+                log=None, description: str = "distill",
+                ) -> tuple[AdversarialState, AlternatingStep]:
+    """The hook `distill.distill` calls for a stage whose loss has an `adversarial` weight.
+
+    Builds one discriminator per layer pair of `spec` (width: the teacher's, which is what the
+    student's projection maps to), their optimizer and state from `config.discriminator`
+    (defaults of `discriminator_config()` when the config has no such section), and the
+    alternating step.
+
+    Returns:
+      (the replicated `AdversarialState`, the loop's step function).
+    """
+    section = config.get("discriminator") or discriminator_config()
+    game = GameSpec.from_config(section)
+    if not spec.layer_pairs:
+        raise distill.DistillError("loss.adversarial needs layer pairs (loss.layer_map)")
+    if teachers is None:
+        raise distill.DistillError("loss.adversarial needs the teacher's hidden states")
+    student = student_state.model()
+    width = (student.projection.out_features if student.projection is not None
+             else student.model.config.hidden_size)
+    discriminators = Discriminators(len(spec.layer_pairs), width, section.hidden,
+                                    spectral_norm=section.spectral_norm,
+                                    rngs=nnx.Rngs(config.train.seed + 2))
+    d_state = sharding.replicate(
+        DiscriminatorState.create(discriminators, make_discriminator_optimizer(section)), mesh)
+    print(f"discriminators: {len(spec.layer_pairs)} x ({2 * width} -> {section.hidden} -> 1), "
+          f"loss {game.loss}, {game.discriminator_steps} D step(s) per student step, spectral "
+          f"norm {'on' if section.spectral_norm else 'off'}, lambda_adv {spec.adversarial}",
+          flush=True)
+    monitor = DiscriminatorMonitor(window=section.health_window,
+                                   check_every=config.train.log_every, log=log,
+                                   description=description)
+    state = AdversarialState(student=student_state, discriminator=d_state)
+    return state, AlternatingStep(mesh, spec, game, teachers, monitor=monitor)
