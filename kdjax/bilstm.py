@@ -392,27 +392,13 @@ def _finish(config, workdir: pathlib.Path, student: BiLSTMClassifier, teachers, 
     """Dev evaluation, teacher agreement and throughputs (the keys of `distill._finish`); saves
     the student to model/ and eval.json."""
     eval_bs, buckets = config.data.eval_batch_size, inputs.buckets
-    predict_fn = train.make_predict_step(mesh)
-
-    def dev_logits(model):
-        graphdef, params = nnx.split(model, nnx.Param)
-        batcher = data.Batcher(inputs.dev, eval_bs, buckets=buckets, shuffle=False)
-        return train.predict(predict_fn, graphdef, sharding.replicate(params, mesh), batcher,
-                             mesh)[0]
-
-    labels, num_labels = inputs.dev.labels, inputs.task.num_labels
-    student_pred = dev_logits(student).argmax(-1)
-    teacher_pred = np.mean([jax.nn.softmax(dev_logits(t)) for t in teachers], 0).argmax(-1)
-    result = metrics_lib.classification_metrics(student_pred, labels, num_labels)
+    result = distill.compare_on_dev(student, teachers, inputs, mesh, eval_bs)
     result.update(
-        teacher_accuracy=metrics_lib.classification_metrics(teacher_pred, labels,
-                                                            num_labels)["accuracy"],
-        teacher_agreement=float(np.mean(student_pred == teacher_pred)),
         student_layers=1, student_hidden=student.config.hidden_size,
         student_params=count_params(nnx.state(student, nnx.Param)),
         student_non_embedding_params=non_embedding_params(student),
         teacher_non_embedding_params=distill.non_embedding_params(teachers[0]),
-        train_seconds=train_seconds, stages=stages, examples=len(labels), finished=True,
+        train_seconds=train_seconds, stages=stages, finished=True,
         **extra)
     if measure_throughput:
         result.update(

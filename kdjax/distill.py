@@ -815,40 +815,47 @@ def _term_names(spec: LossSpec) -> list[str]:
     return names + [name for name, _, _ in spec.extra_terms]
 
 
-def _finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inputs, mesh,
-            log, train_seconds: float, stage_results: dict, measure_throughput: bool) -> dict:
-    """Dev evaluation, teacher agreement, throughputs; saves the student and eval.json."""
-    eval_bs, buckets = config.data.eval_batch_size, inputs.buckets
+def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh: Mesh,
+                   batch_size: int) -> dict:
+    """The student's dev metrics beside the teachers': the teacher's accuracy (several teachers:
+    their ensemble, probabilities averaged as the soft targets are), each teacher's own accuracy
+    and the best of them, and the student's agreement with the teacher's predictions."""
     predict_fn = train.make_predict_step(mesh)
 
     def dev_logits(model):
         graphdef, params = nnx.split(model, nnx.Param)
-        batcher = data.Batcher(inputs.dev, eval_bs, buckets=buckets, shuffle=False)
+        batcher = data.Batcher(inputs.dev, batch_size, buckets=inputs.buckets, shuffle=False)
         return train.predict(predict_fn, graphdef, sharding.replicate(params, mesh), batcher,
                              mesh)[0]
 
     labels, num_labels = inputs.dev.labels, inputs.task.num_labels
-    student_logits = dev_logits(student)
-    each_teacher_probs = [jax.nn.softmax(dev_logits(t)) for t in teachers]
-    # Several teachers: "the teacher" is their ensemble (averaged probabilities, as the soft
-    # targets are); each one's own accuracy is kept to compare the student with the best.
-    teacher_probs = np.mean(each_teacher_probs, 0)
-    student_pred, teacher_pred = student_logits.argmax(-1), teacher_probs.argmax(-1)
-    single_accuracies = [float(np.mean(np.asarray(p).argmax(-1) == labels))
-                         for p in each_teacher_probs]
+    each_teacher_probs = [np.asarray(jax.nn.softmax(dev_logits(t))) for t in teachers]
+    student_pred = dev_logits(student).argmax(-1)
+    teacher_pred = np.mean(each_teacher_probs, 0).argmax(-1)
+    single_accuracies = [float(np.mean(p.argmax(-1) == labels)) for p in each_teacher_probs]
     result = metrics_lib.classification_metrics(student_pred, labels, num_labels)
-    teacher_metrics = metrics_lib.classification_metrics(teacher_pred, labels, num_labels)
     result.update(
-        teacher_accuracy=teacher_metrics["accuracy"],
+        teacher_accuracy=metrics_lib.classification_metrics(teacher_pred, labels,
+                                                            num_labels)["accuracy"],
         teacher_accuracies=single_accuracies,
         best_single_teacher_accuracy=max(single_accuracies),
         teacher_agreement=float(np.mean(student_pred == teacher_pred)),
+        examples=len(labels))
+    return result
+
+
+def _finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inputs, mesh,
+            log, train_seconds: float, stage_results: dict, measure_throughput: bool) -> dict:
+    """Dev evaluation, teacher agreement, throughputs; saves the student and eval.json."""
+    eval_bs, buckets = config.data.eval_batch_size, inputs.buckets
+    result = compare_on_dev(student, teachers, inputs, mesh, eval_bs)
+    result.update(
         student_layers=student.config.num_hidden_layers,
         student_hidden=student.config.hidden_size,
         student_params=count_params(nnx.state(student, nnx.Param)),
         student_non_embedding_params=non_embedding_params(student),
         teacher_non_embedding_params=non_embedding_params(teachers[0]),
-        train_seconds=train_seconds, stages=stage_results, examples=len(labels), finished=True)
+        train_seconds=train_seconds, stages=stage_results, finished=True)
     if measure_throughput:
         result.update(
             student_examples_per_s=inference_speed(student, inputs.dev, eval_bs, buckets, mesh),
