@@ -437,7 +437,7 @@ def discriminator_step(state: AdversarialState, inputs: dict, dropout_base_key: 
 
 def student_step(state: AdversarialState, inputs: dict, batch: dict,
                  dropout_base_key: jax.Array, *, spec: distill.LossSpec, game: GameSpec,
-                 ) -> tuple[AdversarialState, dict]:
+                 grad_accum_steps: int = 1) -> tuple[AdversarialState, dict]:
     """One student update: `distill.combined_loss` plus lambda_adv * the adversarial loss against
     the current (fixed) discriminators; the discriminators are passed through.
 
@@ -446,6 +446,8 @@ def student_step(state: AdversarialState, inputs: dict, batch: dict,
       inputs: from `game_inputs` on this batch (the teacher's outputs are read from it).
       batch: the (global) batch.
       dropout_base_key: the run's key; the step's keys are folded from it and the student step.
+      grad_accum_steps: micro-batches per update (`train.accumulate_gradients`); the teacher's
+        outputs, computed once per loop step by `game_inputs`, are split with the batch.
 
     Returns:
       (new state, metric sums as `distill.distill_step`'s plus `adversarial` (the unweighted
@@ -457,26 +459,40 @@ def student_step(state: AdversarialState, inputs: dict, batch: dict,
     discriminators = jax.lax.stop_gradient(state.discriminator).model()
     weight = adversarial_weight(spec, s.step)
     student_layers = tuple(m for m, _ in spec.layer_pairs)
-    rows = batch["weights"]
+    # The teacher's outputs travel with the batch, batch dimension first (logits [K, B, C] ->
+    # [B, K, C]), so that micro-batches split them along with the rows.
+    teacher_out = dict(inputs["teacher_out"])
+    if "logits" in teacher_out:
+        teacher_out["logits"] = jnp.moveaxis(teacher_out["logits"], 0, 1)
 
-    def loss_fn(params):
-        student = nnx.merge(s.graphdef, params)
-        # spec.needs_hidden holds for an adversarial spec: the features are hidden states.
-        out, mlm_logits = distill.student_forward(student, batch, dropout_key, spec)
-        loss, metrics = distill.combined_loss(spec, out, inputs["teacher_out"], batch, s.step,
-                                              student.projection, mlm_logits)
-        fake = layer_features(out.hidden_states, student_layers, batch["attention_mask"],
-                              student.projection)
-        per_example = jnp.sum(generator_loss(game, discriminators(fake)), 0)  # [B]
-        total, count = jnp.sum(per_example * rows), jnp.sum(rows)
-        loss = loss + weight * total / jnp.maximum(count, 1.0)
-        metrics.update(adversarial_sum=total, adversarial_count=count,
-                       adversarial_weight_sum=weight * count, adversarial_weight_count=count)
-        return loss, (metrics, out.logits)
+    def micro_step(params, batch, dropout_key):
+        teacher_out = dict(batch["teacher_out"])
+        if "logits" in teacher_out:
+            teacher_out["logits"] = jnp.moveaxis(teacher_out["logits"], 1, 0)  # [K, B, C]
+        rows = batch["weights"]
 
-    (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(s.params)
-    return (state.replace(student=train.apply_gradients(s, grads)),
-            distill.student_step_metrics(metrics, loss, logits, batch, grads))
+        def loss_fn(params):
+            student = nnx.merge(s.graphdef, params)
+            # spec.needs_hidden holds for an adversarial spec: the features are hidden states.
+            out, mlm_logits = distill.student_forward(student, batch, dropout_key, spec)
+            loss, metrics = distill.combined_loss(spec, out, teacher_out, batch, s.step,
+                                                  student.projection, mlm_logits)
+            fake = layer_features(out.hidden_states, student_layers, batch["attention_mask"],
+                                  student.projection)
+            per_example = jnp.sum(generator_loss(game, discriminators(fake)), 0)  # [B]
+            total, count = jnp.sum(per_example * rows), jnp.sum(rows)
+            loss = loss + weight * total / jnp.maximum(count, 1.0)
+            metrics.update(adversarial_sum=total, adversarial_count=count,
+                           adversarial_weight_sum=weight * count, adversarial_weight_count=count)
+            return loss, (metrics, out.logits)
+
+        (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, distill.student_step_metrics(metrics, loss, logits, batch, grads)
+
+    grads, metrics = train.accumulate_gradients(
+        micro_step, s.params, {**batch, "teacher_out": teacher_out}, grad_accum_steps,
+        dropout_key)
+    return state.replace(student=train.apply_gradients(s, grads)), metrics
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,17 +589,25 @@ class AlternatingStep:
                  teachers: distill.Teachers, *, monitor: DiscriminatorMonitor | None = None,
                  inputs_fn: Callable = game_inputs,
                  discriminator_fn: Callable = discriminator_step,
-                 student_fn: Callable = student_step):
-        rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+                 student_fn: Callable = student_step, fsdp: bool = False,
+                 grad_accum_steps: int = 1):
         self.game, self.teachers, self.monitor = game, teachers, monitor
-        self.inputs = jax.jit(functools.partial(inputs_fn, spec=spec),
-                              in_shardings=(rep, rep, split, rep))
-        # Inputs keep the shardings they arrive with (state and key replicated, batch and
-        # features split); outputs: the state stays replicated.
-        self.discriminator = jax.jit(functools.partial(discriminator_fn, game=game),
-                                     out_shardings=(rep, rep), donate_argnums=0)
-        self.student = jax.jit(functools.partial(student_fn, spec=spec, game=game),
-                               out_shardings=(rep, rep), donate_argnums=0)
+        state_, batch_, rep_, as_is = (sharding.STATE, sharding.BATCH, sharding.REPLICATED,
+                                       sharding.AS_IS)
+        # State and teachers keep the layout `sharding.place_state` gave them (replicated or
+        # FSDP-split, `fsdp`) in and out; batch split; features keep the sharding they come with.
+        self.inputs = sharding.jit_step(functools.partial(inputs_fn, spec=spec), mesh,
+                                        (state_, state_, batch_, rep_), fsdp=fsdp,
+                                        returns_state=False, donate_state=False)
+        # The discriminators see pooled features only (no BERT activations): one pass over the
+        # whole batch, no micro-batches.
+        self.discriminator = sharding.jit_step(functools.partial(discriminator_fn, game=game),
+                                               mesh, (state_, as_is, rep_), fsdp=fsdp)
+        student_fn = functools.partial(student_fn, spec=spec, game=game)
+        if grad_accum_steps != 1:
+            student_fn = functools.partial(student_fn, grad_accum_steps=grad_accum_steps)
+        self.student = sharding.jit_step(student_fn, mesh, (state_, as_is, batch_, rep_),
+                                         fsdp=fsdp)
         self._step: int | None = None
 
     def __call__(self, state: AdversarialState, batch: dict, dropout_key: jax.Array,
@@ -619,7 +643,8 @@ def setup_stage(config: ml_collections.ConfigDict, spec: distill.LossSpec,
     alternating step.
 
     Returns:
-      (the replicated `AdversarialState`, the loop's step function).
+      (the `AdversarialState`, placed by `sharding.place_state` (replicated, or FSDP-split with
+      `train.fsdp`), and the loop's step function).
     """
     section = config.get("discriminator") or discriminator_config()
     game = GameSpec.from_config(section)
@@ -633,8 +658,10 @@ def setup_stage(config: ml_collections.ConfigDict, spec: distill.LossSpec,
     discriminators = Discriminators(len(spec.layer_pairs), width, section.hidden,
                                     spectral_norm=section.spectral_norm,
                                     rngs=nnx.Rngs(config.train.seed + 2))
-    d_state = sharding.replicate(
-        DiscriminatorState.create(discriminators, make_discriminator_optimizer(section)), mesh)
+    fsdp = config.train.get("fsdp", False)
+    d_state = sharding.place_state(
+        DiscriminatorState.create(discriminators, make_discriminator_optimizer(section)), mesh,
+        fsdp=fsdp)
     print(f"discriminators: {len(spec.layer_pairs)} x ({2 * width} -> {section.hidden} -> 1), "
           f"loss {game.loss}, {game.discriminator_steps} D step(s) per student step, spectral "
           f"norm {'on' if section.spectral_norm else 'off'}, lambda_adv {spec.adversarial}",
@@ -643,4 +670,5 @@ def setup_stage(config: ml_collections.ConfigDict, spec: distill.LossSpec,
                                    check_every=config.train.log_every, log=log,
                                    description=description)
     state = AdversarialState(student=student_state, discriminator=d_state)
-    return state, AlternatingStep(mesh, spec, game, teachers, monitor=monitor)
+    return state, AlternatingStep(mesh, spec, game, teachers, monitor=monitor, fsdp=fsdp,
+                                  grad_accum_steps=config.train.get("grad_accum_steps", 1))

@@ -23,7 +23,7 @@ def abstract_like(tree: Any, default_sharding=None) -> Any:
     or a single-device placement when that is None.
     """
     if default_sharding is None:
-        default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        default_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(
             x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default_sharding),

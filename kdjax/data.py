@@ -529,10 +529,16 @@ class Batcher:
 
     The batch order depends only on (seed, epoch), so a resumed run calls `epoch(e, start=k)` and
     gets exactly the batches k, k+1, ... of the interrupted epoch; the earlier ones are not built.
+
+    With several processes each one builds only its rows of every global batch: process p of P
+    gets rows [p * B / P, (p + 1) * B / P) of the batch one process would build (same examples,
+    same bucket length, padding rows included), which `sharding.shard_batch` assembles into the
+    global batch. The global batches do not depend on the number of processes.
     """
 
     def __init__(self, split: EncodedSplit, batch_size: int, *, buckets: Sequence[int],
-                 shuffle: bool, seed: int = 0, sort_window: int = 200):
+                 shuffle: bool, seed: int = 0, sort_window: int = 200,
+                 process_index: int | None = None, process_count: int | None = None):
         """Creates the batcher.
 
         Args:
@@ -543,10 +549,22 @@ class Batcher:
           shuffle: shuffle for training; False gives length-sorted evaluation order.
           seed: shuffle seed; the epoch number is mixed in.
           sort_window: batches per length-sorting window when shuffling.
+          process_index, process_count: which share of each batch to build; default
+            `jax.process_index()` and `jax.process_count()` (all rows on one process).
         """
         if batch_size < 1 or sort_window < 1:
             raise ValueError(f"batch_size and sort_window must be positive, got {batch_size} "
                              f"and {sort_window}")
+        if process_index is None or process_count is None:
+            import jax  # Only for the defaults: the batcher itself is numpy.
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if batch_size % process_count:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} "
+                             "processes; each process loads an equal share of every batch")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index must be in 0..{process_count - 1}, got "
+                             f"{process_index}")
         width = split.input_ids.shape[1]
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be positive lengths, got {tuple(buckets)}")
@@ -561,6 +579,8 @@ class Batcher:
         self.shuffle = shuffle
         self.seed = seed
         self.sort_window = sort_window
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = batch_size // process_count
 
     @property
     def num_batches(self) -> int:
@@ -577,6 +597,7 @@ class Batcher:
           An iterator of batch dicts: input_ids, token_type_ids and attention_mask [B, L] int32
           (attention_mask 1 = real token), labels [B] int32, weights [B] float32 (1 real row,
           0 padding row) and example_index [B] int32 (row in the split, -1 for padding rows).
+          With several processes B is `local_batch_size`, this process's rows.
         """
         if not 0 <= start <= self.num_batches:
             raise ValueError(f"start must be in 0..{self.num_batches}, got {start}")
@@ -608,6 +629,11 @@ class Batcher:
         # no attention target or an out-of-range label can give NaN, and 0 * NaN is still NaN.
         rows = np.concatenate([indices, np.full(self.batch_size - n, indices[0])])
         real_rows = np.arange(self.batch_size) < n
+        # This process's share; the bucket length above came from the whole global batch, so
+        # every process pads to the same length.
+        mine = slice(self.process_index * self.local_batch_size,
+                     (self.process_index + 1) * self.local_batch_size)
+        rows, real_rows = rows[mine], real_rows[mine]
         return {
             "input_ids": self.split.input_ids[rows, :length],
             "token_type_ids": self.split.token_type_ids[rows, :length],

@@ -315,7 +315,9 @@ def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
     """Writes `model` as a Hugging Face BertForSequenceClassification directory.
 
     The directory is written next to its destination and renamed into place, so an interrupted
-    save never leaves a half-written model where a finished one is expected.
+    save never leaves a half-written model where a finished one is expected. With several
+    processes every process calls this (parameters split over processes are gathered), process 0
+    writes, and all return after the directory is in place.
 
     Args:
       model: the model to save.
@@ -329,10 +331,18 @@ def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
     """
     from safetensors.numpy import save_file
 
+    from kdjax import distributed
+
     out_dir = pathlib.Path(out_dir)
     label_names = label_names or [str(i) for i in range(model.num_labels)]
     if len(label_names) != model.num_labels:
         raise ValueError(f"{len(label_names)} label names for a {model.num_labels}-label model")
+    if jax.process_count() > 1:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        model = nnx.merge(graphdef, distributed.host_arrays(params), rest)
+        if not distributed.is_main_process():
+            distributed.barrier(f"save_pretrained {out_dir}")
+            return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -350,4 +360,6 @@ def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # The others may read the model next (a fine-tuned teacher): wait until it is in place.
+    distributed.barrier(f"save_pretrained {out_dir}")
     return out_dir

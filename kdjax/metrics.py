@@ -35,10 +35,14 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
 
 class MetricLog:
     """Appends one JSON object per line to `metrics.jsonl`; optionally mirrors scalars to
-    TensorBoard event files (needs tensorboardX)."""
+    TensorBoard event files (needs tensorboardX). By default only process 0 of a multi-process
+    run writes (`enabled=None`)."""
 
     def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = False,
-                 enabled: bool = True):
+                 enabled: bool | None = None):
+        if enabled is None:
+            from kdjax import distributed
+            enabled = distributed.is_main_process()
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None

@@ -44,7 +44,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import config as config_lib, data, distill, hf, losses, optim, sharding, train
+from kdjax import config as config_lib, data, distill, distributed, hf, losses, optim, sharding
+from kdjax import train
 from kdjax import metrics as metrics_lib
 from kdjax.distill import DistillError
 from kdjax.models.bert import BertClassifier, BertConfig, BertOutput
@@ -260,7 +261,8 @@ def joint_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: dict,
 
 
 def newsbert_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Array, *,
-                  spec: NewsBertSpec) -> tuple[train.TrainState, dict]:
+                  spec: NewsBertSpec, grad_accum_steps: int = 1,
+                  ) -> tuple[train.TrainState, dict]:
     """One joint update of teacher, student and shared head (see the module docstring).
 
     Args:
@@ -269,32 +271,42 @@ def newsbert_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Ar
         only).
       dropout_base_key: the run's key; the step's keys are folded from it and the step.
       spec: the static step description.
+      grad_accum_steps: micro-batches per update (`train.accumulate_gradients`); the mixing is
+        linear, so it is applied once to the accumulated gradient.
 
     Returns:
       (new state, metric sums): loss (the weighted total), teacher_ce, student_loss, each
       student term, student `correct`, `teacher_accuracy`, grad_norm (after mixing).
     """
     dropout_key = jax.random.fold_in(dropout_base_key, state.step)
-    grads, metrics = joint_grads(state.params, state.graphdef, batch, dropout_key, state.step,
-                                 spec)
+
+    def micro_step(params, batch, dropout_key):
+        grads, metrics = joint_grads(params, state.graphdef, batch, dropout_key, state.step,
+                                     spec)
+        rows, labels = batch["weights"], batch["labels"]
+        labelled = rows * (labels >= 0)
+        student_logits, teacher_logits = metrics.pop("logits"), metrics.pop("teacher_logits")
+        metrics.update(count=jnp.sum(rows),
+                       correct=jnp.sum((jnp.argmax(student_logits, -1) == labels) * rows),
+                       teacher_accuracy_sum=jnp.sum((jnp.argmax(teacher_logits, -1) == labels)
+                                                    * labelled),
+                       teacher_accuracy_count=jnp.sum(labelled))
+        return grads, metrics
+
+    grads, metrics = train.accumulate_gradients(micro_step, state.params, batch,
+                                                grad_accum_steps, dropout_key)
     grads = mix_student_layer_grads(grads, spec.beta, spec.block)
-    rows, labels = batch["weights"], batch["labels"]
-    labelled = rows * (labels >= 0)
-    student_logits, teacher_logits = metrics.pop("logits"), metrics.pop("teacher_logits")
-    metrics.update(count=jnp.sum(rows),
-                   correct=jnp.sum((jnp.argmax(student_logits, -1) == labels) * rows),
-                   teacher_accuracy_sum=jnp.sum((jnp.argmax(teacher_logits, -1) == labels)
-                                                * labelled),
-                   teacher_accuracy_count=jnp.sum(labelled),
-                   grad_norm=optax.tree.norm(grads))
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return train.apply_gradients(state, grads), metrics
 
 
-def make_newsbert_step(mesh: Mesh, spec: NewsBertSpec, step_fn: Callable = newsbert_step,
-                       ) -> Callable:
-    """`step_fn` jitted over `mesh` for `spec`: batch split over `data`, state replicated and
-    donated. Call it as `step(state, batch, dropout_key)`."""
-    return train.make_train_step(mesh, functools.partial(step_fn, spec=spec))
+def make_newsbert_step(mesh: Mesh, spec: NewsBertSpec, step_fn: Callable = newsbert_step, *,
+                       fsdp: bool = False, grad_accum_steps: int = 1) -> Callable:
+    """`step_fn` jitted over `mesh` for `spec`: batch split over `data`, state replicated (or
+    FSDP-split) and donated, `grad_accum_steps` micro-batches per update. Call it as
+    `step(state, batch, dropout_key)`."""
+    return train.make_train_step(mesh, functools.partial(step_fn, spec=spec), fsdp=fsdp,
+                                 grad_accum_steps=grad_accum_steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,8 +366,9 @@ def distill_newsbert(config: ml_collections.ConfigDict, workdir: str | pathlib.P
     student = distill.build_student(config, teacher, num_labels, mlm_head=False)
     pair = NewsBertPair(teacher, student)
     del teacher, student
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
-    (workdir / "labels.json").write_text(json.dumps(inputs.task.label_names) + "\n")
+    distributed.write_text(workdir / "config.json",
+                           json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    distributed.write_text(workdir / "labels.json", json.dumps(inputs.task.label_names) + "\n")
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
 
     split = _training_split(config, inputs)
@@ -368,12 +381,15 @@ def distill_newsbert(config: ml_collections.ConfigDict, workdir: str | pathlib.P
                                     teacher_layers=pair.teacher.config.num_hidden_layers,
                                     total_steps=total_steps)
     tx = optim.make_optimizer(config.optim, total_steps)
-    state = sharding.replicate(train.TrainState.create(pair, tx), mesh)
+    fsdp = config.train.get("fsdp", False)
+    state = sharding.place_state(train.TrainState.create(pair, tx), mesh, fsdp=fsdp)
     del pair
     print(f"newsbert: {total_steps} joint steps over {len(split)} examples, block K = "
           f"{spec.block}, beta = {spec.beta}", flush=True)
     run = train.train_loop(
-        state, make_newsbert_step(mesh, spec), batcher, total_steps=total_steps,
+        state, make_newsbert_step(mesh, spec, fsdp=fsdp,
+                                  grad_accum_steps=config.train.get("grad_accum_steps", 1)),
+        batcher, total_steps=total_steps,
         train_config=config.train, checkpoint_dir=workdir / "stages" / "joint" / "checkpoints",
         log=log, mesh=mesh, dropout_key=sharding.replicate(jax.random.key(config.train.seed),
                                                            mesh),

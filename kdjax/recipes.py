@@ -48,6 +48,13 @@ def finetune_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 500  # 0 = only at the end.
     config.train.keep_checkpoints = 2
     config.train.num_devices = 0  # 0 = every device.
+    # FSDP: parameters and optimizer state split over the devices by a shape rule
+    # (kdjax.sharding.state_shardings) instead of replicated: the same updates, and each device
+    # holds 1/N of every large array.
+    config.train.fsdp = False
+    # Micro-batches per update: the batch is split k ways, gradients accumulated, one update
+    # (data.batch_size must be a multiple of k x the devices).
+    config.train.grad_accum_steps = 1
     config.train.tensorboard = False
     return config
 
@@ -176,6 +183,13 @@ def distill_config(setting: str | None = "half_depth") -> ml_collections.ConfigD
     config.teacher.epochs = 1.0 if not spec["train_limit"] else 10.0
     config.teacher.optim = optim_config(1e-4)
     config.teacher.dtype = "float32"
+    # Teacher-output cache (kdjax/teacher_cache.py): for stages whose inputs are fixed (no mlm,
+    # adversarial or attention term), the teachers' logits are computed once, stored on disk
+    # and read back instead of running the teachers in every step.
+    config.teacher.cache = True
+    config.teacher.cache_hidden = False  # Also the hidden layers the stage's terms read.
+    config.teacher.cache_dir = ""  # "" = WORKDIR/cache.
+    config.teacher.cache_max_gb = 8.0  # Refuse to build a larger cache (GB = 1e9 bytes).
 
     config.student = ml_collections.ConfigDict()
     config.student.layers = spec["layers"]
@@ -209,6 +223,13 @@ def distill_config(setting: str | None = "half_depth") -> ml_collections.ConfigD
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 1
     config.train.num_devices = 0
+    # FSDP: parameters and optimizer state split over the devices by a shape rule
+    # (kdjax.sharding.state_shardings) instead of replicated: the same updates, and each device
+    # holds 1/N of every large array.
+    config.train.fsdp = False
+    # Micro-batches per update: the batch is split k ways, gradients accumulated, one update
+    # (data.batch_size must be a multiple of k x the devices).
+    config.train.grad_accum_steps = 1
     config.train.tensorboard = False
 
     config.stages = ("distill",)

@@ -2,12 +2,15 @@
 
 Steps live at module level over a `TrainState` pytree: `nnx.merge` the graph definition with the
 parameters inside the step, compute, return the new state. `make_train_step` jits them over the
-device mesh: batch split over the `data` axis, state replicated, state buffers donated.
+device mesh: batch split over the `data` axis, state replicated (or FSDP-split, `train.fsdp`),
+state buffers donated. `accumulate_gradients` lets every step kind take one update from several
+micro-batches (`train.grad_accum_steps`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -23,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import checkpoint, data, hf, optim, sharding
+from kdjax import checkpoint, data, distributed, hf, optim, sharding
 from kdjax import config as config_lib, metrics as metrics_lib
 from kdjax.models.bert import BertClassifier
 
@@ -93,8 +96,93 @@ def weighted_sums(per_example_loss: jax.Array, logits: jax.Array, batch: dict) -
     }
 
 
-def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array,
-               ) -> tuple[TrainState, dict]:
+def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
+    """[B, ...] -> [k, B/k, ...] for every entry: row i of micro-batch j is row i * k + j.
+
+    Strided, not contiguous blocks: the batch is split over the devices in contiguous blocks,
+    so each micro-batch takes rows from every device's block and stays spread over all of them
+    (contiguous blocks would each live on B/k-th of the devices).
+    """
+    k = num_micro_batches
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(micro_step: Callable, params: nnx.State, batch: dict,
+                         num_micro_batches: int, key: jax.Array) -> tuple[nnx.State, dict]:
+    """One update's gradient from `num_micro_batches` micro-batches, one at a time.
+
+    The batch is split by `split_micro_batches`; a `jax.lax.scan` runs `micro_step` on each
+    (so only one micro-batch's activations are alive at a time) and adds its gradient weighted
+    by its share of the batch's real examples (`weights`), n_j / N: for a loss that is a mean
+    over the real rows, sum_j (n_j / N) grad(mean over micro-batch j) is the full batch's
+    gradient. A term averaged over a subset of rows (hard CE over labelled rows only) is exact
+    when each micro-batch holds the same share of that subset, and close otherwise (the usual
+    behaviour of gradient accumulation).
+
+    Args:
+      micro_step: `(params, micro_batch, key) -> (grads of the micro-batch's mean loss, metric
+        sums)`. Metric sums add up over micro-batches; a `grad_norm` entry is recomputed from
+        the accumulated gradient.
+      params: the parameters the gradient is taken for.
+      batch: the step's (global) batch; every entry has the batch dimension first.
+      num_micro_batches: k (`train.grad_accum_steps`); 1 calls `micro_step(params, batch, key)`
+        once, exactly the computation of a step without accumulation.
+      key: the step's key; micro-batch j gets `fold_in(key, j)` when k > 1.
+
+    Returns:
+      (gradient, metric sums) of the whole batch.
+
+    Raises:
+      ValueError: k does not divide the batch (names train.grad_accum_steps).
+    """
+    k = num_micro_batches
+    if k == 1:
+        return micro_step(params, batch, key)
+    size = batch["weights"].shape[0]
+    if k < 1 or size % k:
+        raise ValueError(f"train.grad_accum_steps={k} must divide the batch of {size} rows")
+    micro_batches = split_micro_batches(batch, k)
+    placement = sharding.active_placement()
+    constrain_grads = constrain_rows = gather_params = lambda tree: tree
+    if placement is not None:
+        mesh, fsdp = placement
+        # Micro-batch rows split over `data` like the batch; the running gradient laid out like
+        # the parameters (under FSDP each device accumulates only its slice).
+        constrain_rows = functools.partial(jax.lax.with_sharding_constraint,
+                                           shardings=sharding.batch_sharded(mesh))
+        constrain_grads = functools.partial(sharding.constrain_state, mesh=mesh, fsdp=fsdp)
+        if fsdp:
+            # FSDP: gather the parameters for each micro-batch's compute, so that the loop
+            # body runs data-parallel (left alone, XLA's propagation through the loop shards
+            # activations along the split parameter dimensions instead).
+            gather_params = functools.partial(jax.lax.with_sharding_constraint,
+                                              shardings=sharding.replicated(mesh))
+    total = jnp.sum(batch["weights"])
+
+    def accumulate(grads_sum, inputs):
+        index, micro_batch = inputs
+        micro_batch = constrain_rows(micro_batch)
+        grads, metrics = micro_step(gather_params(params), micro_batch,
+                                    jax.random.fold_in(key, index))
+        share = jnp.where(total > 0, jnp.sum(micro_batch["weights"]) / total, 0.0)
+        grads_sum = jax.tree.map(lambda acc, g: acc + share * g.astype(acc.dtype), grads_sum,
+                                 grads)
+        return constrain_grads(grads_sum), metrics
+
+    zeros = constrain_grads(jax.tree.map(jnp.zeros_like, params))
+    grads, per_micro = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro_batches))
+    metrics = jax.tree.map(lambda m: jnp.sum(m, 0), per_micro)
+    if "grad_norm" in metrics:
+        metrics["grad_norm"] = optax.tree.norm(grads)
+    return grads, metrics
+
+
+def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array, *,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
     """One supervised fine-tuning update on a (global) batch.
 
     Args:
@@ -102,21 +190,27 @@ def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array,
       batch: input_ids, attention_mask, token_type_ids [B, L]; labels, weights [B].
       dropout_base_key: the run's key; the step's dropout key is derived from it and the step
         number, so a resumed run draws the same dropout masks.
+      grad_accum_steps: micro-batches per update (`accumulate_gradients`).
 
     Returns:
       (new state, metric sums for this step).
     """
     dropout_key = jax.random.fold_in(dropout_base_key, state.step)
 
-    def loss_fn(params):
-        model = nnx.merge(state.graphdef, params)
-        logits = model(*_model_inputs(batch), dropout_key=dropout_key).logits
-        per_example = classification_loss(logits, batch["labels"])
-        loss = jnp.sum(per_example * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1)
-        return loss, (per_example, logits)
+    def micro_step(params, batch, dropout_key):
+        def loss_fn(params):
+            model = nnx.merge(state.graphdef, params)
+            logits = model(*_model_inputs(batch), dropout_key=dropout_key).logits
+            per_example = classification_loss(logits, batch["labels"])
+            loss = (jnp.sum(per_example * batch["weights"])
+                    / jnp.maximum(jnp.sum(batch["weights"]), 1))
+            return loss, (per_example, logits)
 
-    (_, (per_example, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    step_metrics = weighted_sums(per_example, logits, batch)
+        (_, (per_example, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, weighted_sums(per_example, logits, batch)
+
+    grads, step_metrics = accumulate_gradients(micro_step, state.params, batch,
+                                               grad_accum_steps, dropout_key)
     step_metrics["grad_norm"] = optax.tree.norm(grads)
     return apply_gradients(state, grads), step_metrics
 
@@ -126,16 +220,26 @@ def predict_step(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.
     return nnx.merge(graphdef, params)(*_model_inputs(batch)).logits
 
 
-def make_train_step(mesh: Mesh, step_fn: Callable = train_step) -> Callable:
-    """`step_fn` jitted over `mesh`: batch split over `data`, state replicated and donated."""
-    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, split, rep), out_shardings=(rep, rep),
-                   donate_argnums=0)
+def make_train_step(mesh: Mesh, step_fn: Callable = train_step, *, fsdp: bool = False,
+                    grad_accum_steps: int = 1) -> Callable:
+    """`step_fn(state, batch, key)` jitted over `mesh`: batch split over `data`, state
+    replicated (FSDP-split with `fsdp`, see `sharding.place_state`) in and out, and donated.
+
+    Args:
+      grad_accum_steps: passed to `step_fn` as `grad_accum_steps=` when not 1 (so a step
+        function without that parameter still works without accumulation).
+    """
+    if grad_accum_steps != 1:
+        step_fn = functools.partial(step_fn, grad_accum_steps=grad_accum_steps)
+    return sharding.jit_step(step_fn, mesh, (sharding.STATE, sharding.BATCH,
+                                             sharding.REPLICATED), fsdp=fsdp)
 
 
 def make_predict_step(mesh: Mesh) -> Callable:
-    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(predict_step, static_argnums=0, in_shardings=(rep, split),
+    """Jitted `predict_step`: batch split over `data`; the parameters keep the layout they come
+    with (replicated, or FSDP-split straight from a training state)."""
+    split = sharding.batch_sharded(mesh)
+    return jax.jit(predict_step, static_argnums=0, in_shardings=(None, split),
                    out_shardings=split)
 
 
@@ -145,15 +249,22 @@ def make_predict_step(mesh: Mesh) -> Callable:
 
 def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
             batcher: data.Batcher, mesh: Mesh) -> tuple[np.ndarray, float]:
-    """Logits for every example of `batcher`'s split, in the split's order, and examples/s."""
+    """Logits for every example of `batcher`'s split, in the split's order, and examples/s.
+
+    With several processes each feeds its rows of every batch, and every process gets all the
+    logits (batch-split outputs are all-gathered, so every process must call this).
+    """
     start = time.perf_counter()
-    pending = [(batch["example_index"],
-                predict_fn(graphdef, params, sharding.shard_batch(batch, mesh)))
-               for batch in batcher.epoch(0)]
+    pending = []
+    for batch in batcher.epoch(0):
+        global_batch = sharding.shard_batch(batch, mesh)
+        pending.append((global_batch["example_index"],
+                        predict_fn(graphdef, params, global_batch)))
     # One host transfer at the end instead of a sync per batch.
-    host = jax.device_get([out for _, out in pending])
-    logits = np.zeros((len(batcher.split), host[0].shape[1]), np.float32)
-    for (index, _), out in zip(pending, host):
+    host = (jax.device_get(pending) if jax.process_count() == 1
+            else distributed.host_arrays(pending))
+    logits = np.zeros((len(batcher.split), host[0][1].shape[1]), np.float32)
+    for index, out in host:
         real = index >= 0
         logits[index[real]] = out[real]
     seconds = time.perf_counter() - start
@@ -261,6 +372,9 @@ class _IntervalMetrics:
     def __init__(self):
         self.pending: list[tuple[int, dict]] = []
         self.since = time.perf_counter()
+        # Real examples of every flushed step: the step's `count` is summed over the global
+        # batch inside the step, so it counts every process's rows.
+        self.examples = 0
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
@@ -276,6 +390,7 @@ class _IntervalMetrics:
                                        f"step {step + 1}")
         total = lambda key: sum(float(m[key]) for m in host)
         count = total("count")
+        self.examples += int(count)
         seconds = time.perf_counter() - self.since
         summary = {"loss": total("loss_sum") / max(count, 1),
                    "accuracy": total("correct") / max(count, 1)}
@@ -351,10 +466,10 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
                                          "dropout_key": dropout_key_data})
 
     interval = _IntervalMetrics()
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress,
+    bar = tqdm(total=total_steps, initial=start_step, unit="step",
+               disable=not (progress and distributed.is_main_process()),
                dynamic_ncols=True, mininterval=1.0, desc=description)
     train_start = time.perf_counter()
-    examples_seen = 0
     step = start_step
     # stop_after_steps ends this invocation early (a time-limited job); rerun to resume.
     stop_at = total_steps
@@ -366,7 +481,6 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
                 break
             state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
             interval.add(step, step_metrics)
-            examples_seen += int(batch["weights"].sum())
             step += 1
             bar.update(1)
             is_save = (train_config.checkpoint_every
@@ -399,7 +513,7 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     if step < total_steps:
         print(f"stopped after step {step} of {total_steps} (train.stop_after_steps); run the "
               f"same command again to resume", flush=True)
-    return LoopResult(state, step, train_seconds, examples_seen, step >= total_steps)
+    return LoopResult(state, step, train_seconds, interval.examples, step >= total_steps)
 
 
 def start_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -411,6 +525,8 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     mesh = sharding.make_mesh(config.train.num_devices)
     sharding.check_batch_size(config.data.batch_size, mesh)
     sharding.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+    sharding.check_grad_accum_steps(config.data.batch_size,
+                                    config.train.get("grad_accum_steps", 1), mesh)
     return workdir, mesh
 
 
@@ -437,11 +553,14 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                            shuffle=True, seed=config.train.seed)
     total_steps = total_train_steps(config, batcher.num_batches)
     tx = optim.make_optimizer(config.optim, total_steps)
-    state = sharding.replicate(TrainState.create(model, tx), mesh)
+    fsdp = config.train.get("fsdp", False)
+    state = sharding.place_state(TrainState.create(model, tx), mesh, fsdp=fsdp)
     del model
     dropout_key = sharding.replicate(jax.random.key(config.train.seed), mesh)
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
-    run = train_loop(state, make_train_step(mesh), batcher, total_steps=total_steps,
+    step_fn = make_train_step(mesh, fsdp=fsdp,
+                              grad_accum_steps=config.train.get("grad_accum_steps", 1))
+    run = train_loop(state, step_fn, batcher, total_steps=total_steps,
                      train_config=config.train, checkpoint_dir=workdir / "checkpoints", log=log,
                      mesh=mesh, dropout_key=dropout_key,
                      lr_at=optim.warmup_linear_decay(config.optim.lr, total_steps,
@@ -458,14 +577,16 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.task.label_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
 def _write_run_files(workdir: pathlib.Path, config, label_names: list[str]) -> None:
-    """The resolved config and label map, which `load_run` needs to rebuild the model."""
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
-    (workdir / "labels.json").write_text(json.dumps(label_names) + "\n")
+    """The resolved config and label map, which `load_run` needs to rebuild the model (written
+    by process 0 only)."""
+    distributed.write_text(workdir / "config.json",
+                           json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    distributed.write_text(workdir / "labels.json", json.dumps(label_names) + "\n")
 
 
 def load_run(workdir: str | pathlib.Path, step: int | None = None,
