@@ -16,11 +16,9 @@ and labelling and trains on the labelled examples alone.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +28,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import augment as augment_lib
-from kdjax import config as config_lib, data, distill, hf, sharding, train
+from kdjax import augment as augment_lib, distributed
+from kdjax import config as config_lib, data, distill, hf, sharding, teacher_cache, train
 from kdjax import metrics as metrics_lib
 from kdjax.models.bert import BertClassifier, count_params
 # load_bilstm is re-exported: `from kdjax.bilstm import load_bilstm` loads a run's model/.
@@ -89,7 +87,8 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, *,
 
 
 def bilstm_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Array, *,
-                spec: distill.LossSpec) -> tuple[train.TrainState, dict]:
+                spec: distill.LossSpec, grad_accum_steps: int = 1,
+                ) -> tuple[train.TrainState, dict]:
     """One student update on a (global) batch.
 
     The teacher never runs here: its logits for the batch arrive in `batch["teacher_logits"]`
@@ -101,115 +100,62 @@ def bilstm_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Arra
         weights [B]; teacher_logits [B, K, C] when the loss uses the teacher.
       dropout_base_key: the run's key; the step's key is folded from it and the step.
       spec: the static loss (ce, logit_mse, hard_labels_from_teacher).
+      grad_accum_steps: micro-batches per update (`train.accumulate_gradients`).
 
     Returns:
       (new state, metric sums).
     """
     dropout_key = jax.random.fold_in(dropout_base_key, state.step)
-    teacher_out = None
-    if spec.uses_teacher:
-        teacher_out = {"logits": jnp.moveaxis(batch["teacher_logits"], 1, 0)}  # [K, B, C]
 
-    def loss_fn(params):
-        model = nnx.merge(state.graphdef, params)
-        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                    dropout_key=dropout_key)
-        loss, metrics = distill.combined_loss(spec, out, teacher_out, batch, state.step)
-        return loss, (metrics, out.logits)
+    def micro_step(params, batch, dropout_key):
+        teacher_out = None
+        if spec.uses_teacher:
+            teacher_out = {"logits": jnp.moveaxis(batch["teacher_logits"], 1, 0)}  # [K, B, C]
 
-    (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return (train.apply_gradients(state, grads),
-            distill.student_step_metrics(metrics, loss, logits, batch, grads))
+        def loss_fn(params):
+            model = nnx.merge(state.graphdef, params)
+            out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                        dropout_key=dropout_key)
+            loss, metrics = distill.combined_loss(spec, out, teacher_out, batch, state.step)
+            return loss, (metrics, out.logits)
 
+        (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, distill.student_step_metrics(metrics, loss, logits, batch, grads)
 
-class TeacherLogitsBatcher:
-    """A `data.Batcher` whose batches also carry the cached teacher logits of their rows."""
-
-    def __init__(self, batcher: data.Batcher, logits: np.ndarray):
-        if len(logits) != len(batcher.split):
-            raise ValueError(f"{len(logits)} teacher logits for {len(batcher.split)} examples")
-        self.batcher, self.logits, self.split = batcher, logits, batcher.split
-
-    @property
-    def num_batches(self) -> int:
-        return self.batcher.num_batches
-
-    def epoch(self, epoch: int, start: int = 0):
-        for batch in self.batcher.epoch(epoch, start):
-            # Padding rows (index -1, weight 0) take row 0's logits; they never count.
-            batch["teacher_logits"] = self.logits[np.maximum(batch["example_index"], 0)]
-            yield batch
+    grads, metrics = train.accumulate_gradients(micro_step, state.params, batch,
+                                                grad_accum_steps, dropout_key)
+    return train.apply_gradients(state, grads), metrics
 
 
 # ------------------------------------------------------------------------------------------------
-# The transfer set and its labels (both cached in the workdir)
-
-
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            h.update(str((part.dtype, part.shape)).encode())
-            h.update(np.ascontiguousarray(part).tobytes())
-        elif isinstance(part, bytes):
-            h.update(part)
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def _checkpoint_digest(directory: pathlib.Path) -> str:
-    """Content hash of a teacher directory's weights and config (not its path or mtime)."""
-    files = sorted(p for p in pathlib.Path(directory).iterdir()
-                   if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-    return _digest(*[(p.name, p.read_bytes()) for p in files])
-
-
-def _split_arrays(split: data.EncodedSplit) -> dict[str, np.ndarray]:
-    return {"input_ids": split.input_ids, "token_type_ids": split.token_type_ids,
-            "lengths": split.lengths, "labels": split.labels}
+# The transfer set and its labels (both cached: kdjax/teacher_cache.py, WORKDIR/cache)
 
 
 def teacher_logits(teacher_dirs: list[pathlib.Path], teachers: list[BertClassifier],
                    split: data.EncodedSplit, *, batch_size: int, buckets, mesh: Mesh,
-                   cache_dir: pathlib.Path) -> tuple[np.ndarray, dict]:
+                   cache_dir: pathlib.Path, teacher_dtype: str = "float32",
+                   ) -> tuple[np.ndarray, dict]:
     """Every teacher's logits for every example of `split`: [N, K, C], computed once.
 
-    Batched, jitted, sharded inference (`train.predict`); the result is stored in
-    `cache_dir/teacher-logits-HASH.npz`, HASH covering the teachers' weights and the split's
-    token arrays, and read back by later calls instead of running the teachers again.
+    Batched, jitted, sharded inference; stored by the shared teacher-output cache
+    (`teacher_cache.load_or_compute`, keyed by the teachers' weights and the split's token
+    arrays) in `cache_dir` and read back by later calls instead of running the teachers again.
 
     Returns:
-      (logits, info) with info = {seconds, examples_per_s, cached, path}.
+      (logits, info) with info = {seconds, examples_per_s, cached, path}; seconds and
+      examples_per_s are those of the run that computed them.
     """
-    key = _digest(*[_checkpoint_digest(d) for d in teacher_dirs],
-                  *[_split_arrays(split)[k] for k in ("input_ids", "token_type_ids", "lengths")])
-    path = pathlib.Path(cache_dir) / f"teacher-logits-{key}.npz"
-    if path.is_file():
-        with np.load(path) as saved:
-            return saved["logits"], {"seconds": float(saved["seconds"]),
-                                     "examples_per_s": float(saved["examples_per_s"]),
-                                     "cached": True, "path": str(path)}
-    start = time.perf_counter()
-    predict_fn = train.make_predict_step(mesh)
-    batcher = data.Batcher(split, batch_size, buckets=buckets, shuffle=False)
-    per_teacher = []
-    for model in teachers:
-        graphdef, params = nnx.split(model, nnx.Param)
-        per_teacher.append(train.predict(predict_fn, graphdef, sharding.replicate(params, mesh),
-                                         batcher, mesh)[0])
-    logits = np.stack(per_teacher, axis=1).astype(np.float32)  # [N, K, C]
-    seconds = time.perf_counter() - start
-    rate = len(split) / max(seconds, 1e-9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, logits=logits, seconds=seconds, examples_per_s=rate)
-    tmp.rename(path)
-    print(f"teacher labelled {len(split):,} examples in {seconds:.1f} s ({rate:,.0f}/s); "
-          f"cached in {path}", flush=True)
-    return logits, {"seconds": seconds, "examples_per_s": rate, "cached": False,
-                    "path": str(path)}
+    cache = teacher_cache.load_or_compute(teacher_dirs, teachers, split, mesh=mesh,
+                                          cache_dir=cache_dir, batch_size=batch_size,
+                                          buckets=buckets, teacher_dtype=teacher_dtype,
+                                          description="the transfer set")
+    return cache.logits, _labelling_info(cache)
+
+
+def _labelling_info(cache: teacher_cache.TeacherCache) -> dict:
+    return {"seconds": cache.manifest["seconds"],
+            "examples_per_s": cache.manifest["examples_per_s"],
+            "cached": not cache.computed, "path": str(cache.directory)}
 
 
 def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Example], tokenizer,
@@ -227,10 +173,12 @@ def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Examp
     embeddings = None
     if cfg.method == "tinybert":
         embeddings = np.asarray(teacher.bert.embeddings.word_embeddings.embedding[...])
-    key = _digest(cfg.to_dict(), config.data.max_length, sorted(tokenizer.get_vocab().items()),
-                  [(e.text_a, e.text_b) for e in examples],
-                  embeddings if embeddings is not None else b"")
+    key = teacher_cache.digest(cfg.to_dict(), config.data.max_length,
+                               sorted(tokenizer.get_vocab().items()),
+                               [(e.text_a, e.text_b) for e in examples],
+                               embeddings if embeddings is not None else b"")
     path = pathlib.Path(cache_dir) / f"augmented-{key}.npz"
+    distributed.barrier("augmentation cache")  # Same decision on every process; 0 writes.
     if path.is_file():
         with np.load(path) as saved:
             split = data.EncodedSplit(saved["input_ids"], saved["token_type_ids"],
@@ -257,10 +205,11 @@ def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Examp
     print(f"augmentation ({cfg.method}): {len(result.examples):,} new examples from "
           f"{len(examples):,} in {result.seconds:.1f} s ({result.examples_per_s:,.0f}/s, "
           f"{result.rounds} rounds)", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **_split_arrays(split), info=json.dumps(info))
-    tmp.rename(path)
+    if distributed.is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **teacher_cache.split_arrays(split), info=json.dumps(info))
+        tmp.rename(path)
     return split, {**info, "cached": False}
 
 
@@ -307,7 +256,7 @@ def distill_bilstm(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 
     Resumable like `distill.distill`: the teacher run, the augmented set, the teacher's labels
     and the stage's checkpoints are reused. Writes to `workdir`: teacher-seedN/, cache/
-    (augmented-HASH.npz, teacher-logits-HASH.npz), stages/NAME/checkpoints (Orbax),
+    (augmented-HASH.npz, teacher-outputs-KEY/), stages/NAME/checkpoints (Orbax),
     metrics.jsonl, config.json, labels.json, model/ (`load_bilstm`) and eval.json.
 
     Returns:
@@ -330,8 +279,9 @@ def distill_bilstm(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     stage = config[name]
     spec = distill.LossSpec.from_config(stage.loss, student_layers=1, teacher_layers=1,
                                         total_steps=1, tokenizer=inputs.tokenizer)
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
-    (workdir / "labels.json").write_text(json.dumps(inputs.task.label_names) + "\n")
+    distributed.write_text(workdir / "config.json",
+                           json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    distributed.write_text(workdir / "labels.json", json.dumps(inputs.task.label_names) + "\n")
     cache_dir = workdir / "cache"
 
     # The transfer set: the labelled examples (plus the unlabelled rest of a few-labels run),
@@ -357,11 +307,16 @@ def distill_bilstm(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets, shuffle=True,
                            seed=config.train.seed)
     if spec.uses_teacher:
-        logits, info = teacher_logits(teacher_dirs, teachers, split,
-                                      batch_size=config.data.eval_batch_size,
-                                      buckets=inputs.buckets, mesh=mesh, cache_dir=cache_dir)
-        extra["teacher_labelling_seconds"] = info["seconds"]
-        batcher = TeacherLogitsBatcher(batcher, logits)
+        # The step never runs the teacher, so its logits are always cached (teacher.cache
+        # cannot turn that off here); teacher.cache_dir picks where.
+        cache = teacher_cache.load_or_compute(
+            teacher_dirs, teachers, split, mesh=mesh,
+            cache_dir=teacher_cache.cache_directory(config, workdir),
+            batch_size=config.data.eval_batch_size, buckets=inputs.buckets,
+            teacher_dtype=config.teacher.dtype, max_gb=config.teacher.cache_max_gb,
+            description="the transfer set")
+        extra["teacher_labelling_seconds"] = _labelling_info(cache)["seconds"]
+        batcher = teacher_cache.CachedTeacherBatcher(batcher, cache)
 
     student = build_student(config, teachers[0], inputs.task.num_labels, inputs.tokenizer,
                             inputs.task.label_names, pair=inputs.task.is_pair)
@@ -369,8 +324,10 @@ def distill_bilstm(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     optim_config = ml_collections.ConfigDict(config.optim.to_dict())
     optim_config.lr = stage.lr or config.optim.lr
     tx = make_optimizer(optim_config, train_embedding=config.student.train_embedding)
-    state = sharding.replicate(train.TrainState.create(student, tx), mesh)
-    step_fn = train.make_train_step(mesh, functools.partial(bilstm_step, spec=spec))
+    fsdp = config.train.get("fsdp", False)
+    state = sharding.place_state(train.TrainState.create(student, tx), mesh, fsdp=fsdp)
+    step_fn = train.make_train_step(mesh, functools.partial(bilstm_step, spec=spec), fsdp=fsdp,
+                                    grad_accum_steps=config.train.get("grad_accum_steps", 1))
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
     print(f"stage {name}: {total_steps} steps over {len(split):,} examples "
           f"({len(inputs.train):,} labelled), terms {distill._term_names(spec)}", flush=True)
@@ -410,5 +367,5 @@ def _finish(config, workdir: pathlib.Path, student: BiLSTMClassifier, teachers, 
     log.write(sum(s["steps"] for s in stages.values()), "dev", result)
     save_bilstm(student, workdir / "model", tokenizer=inputs.tokenizer,
                 extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     return result

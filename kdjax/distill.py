@@ -28,8 +28,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import config as config_lib, data, hf, losses, optim, recipes, sharding, train
+from kdjax import config as config_lib, data, distributed, hf, losses, optim, recipes, sharding
+from kdjax import train
 from kdjax import metrics as metrics_lib
+from kdjax import teacher_cache
 from kdjax.models.bert import BertClassifier, BertConfig, BertOutput, count_params
 
 
@@ -208,6 +210,9 @@ class LossSpec:
     special_token_ids: tuple[int, ...] = (0, 101, 102)
     vocab_size: int = 30522
     extra_terms: tuple[tuple[str, float, Callable], ...] = ()
+    # Teacher outputs read from a teacher-output cache (kdjax/teacher_cache.py): the
+    # `hidden_states` indices that batch["teacher_hidden"] [B, S, L, H] holds, in order.
+    cached_hidden_layers: tuple[int, ...] = ()
 
     TEACHER_TERMS = ("soft", "soft_ce", "logit_mse", "embedding", "hidden", "attention",
                      "attention_kl", "cosine", "pkd", "adversarial")
@@ -330,6 +335,21 @@ def teacher_forward(teachers: Teachers, batch: dict, *, logits: bool = True,
                 out["attention_probs"] = result.attention_probs
     if logits:
         out["logits"] = jnp.stack(all_logits)
+    return jax.lax.stop_gradient(out)
+
+
+def cached_teacher_outputs(batch: dict, spec: LossSpec) -> dict:
+    """`teacher_forward`'s outputs rebuilt from a batch that carries cached ones
+    (`teacher_cache.CachedTeacherBatcher`): `logits` [K, B, C] from `teacher_logits` [B, K, C],
+    and `hidden_states` indexed by teacher layer (None where nothing is stored) from
+    `teacher_hidden` [B, S, L, H] and `spec.cached_hidden_layers`."""
+    out = {"logits": jnp.moveaxis(batch["teacher_logits"], 1, 0)}
+    if spec.cached_hidden_layers:
+        stored = {layer: j for j, layer in enumerate(spec.cached_hidden_layers)}
+        hidden = batch["teacher_hidden"]
+        # Long enough for every stored index; cosine's [-1] is the last layer, which it stores.
+        out["hidden_states"] = tuple(hidden[:, stored[i]] if i in stored else None
+                                     for i in range(max(stored) + 1))
     return jax.lax.stop_gradient(out)
 
 
@@ -489,16 +509,20 @@ def student_step_metrics(metrics: dict, loss: jax.Array, logits: jax.Array, batc
 
 
 def distill_step(state: train.TrainState, teachers: Teachers | None, batch: dict,
-                 dropout_base_key: jax.Array, *, spec: LossSpec,
+                 dropout_base_key: jax.Array, *, spec: LossSpec, grad_accum_steps: int = 1,
                  ) -> tuple[train.TrainState, dict]:
     """One student update: teacher forward (outside the gradient) -> student loss -> AdamW.
 
     Args:
       state: the `DistillStudent`'s TrainState (donated by the jitted version).
-      teachers: the frozen teachers (None when the loss uses no teacher).
-      batch: a (global) batch; labels -1 mark unlabelled examples.
+      teachers: the frozen teachers (None when the loss uses no teacher or the batch carries
+        cached teacher outputs).
+      batch: a (global) batch; labels -1 mark unlabelled examples. With `teacher_logits`
+        [B, K, C] (and `teacher_hidden` [B, S, L, H]) the teacher does not run.
       dropout_base_key: the run's key; the step's keys are folded from it and the step.
       spec: the static loss description.
+      grad_accum_steps: micro-batches per update (`train.accumulate_gradients`); the masking is
+        drawn for the whole batch, the teacher runs per micro-batch.
 
     Returns:
       (new state, metric sums).
@@ -507,30 +531,45 @@ def distill_step(state: train.TrainState, teachers: Teachers | None, batch: dict
     dropout_key, mask_key = jax.random.split(key)
     if spec.mlm:
         batch = mask_tokens(batch, mask_key, spec)
-    teacher_out = None
-    if spec.uses_teacher:
-        teacher_out = teacher_forward(teachers, batch, logits=spec.needs_logits,
-                                      hidden=spec.needs_hidden, attention=spec.needs_attention)
 
-    def loss_fn(params):
-        student = nnx.merge(state.graphdef, params)
-        out, mlm_logits = student_forward(student, batch, dropout_key, spec)
-        loss, metrics = combined_loss(spec, out, teacher_out, batch, state.step,
-                                      student.projection, mlm_logits)
-        return loss, (metrics, out.logits)
+    def micro_step(params, batch, dropout_key):
+        teacher_out = None
+        if "teacher_logits" in batch:  # Read from the teacher-output cache.
+            teacher_out = cached_teacher_outputs(batch, spec)
+        elif spec.uses_teacher:
+            teacher_out = teacher_forward(teachers, batch, logits=spec.needs_logits,
+                                          hidden=spec.needs_hidden,
+                                          attention=spec.needs_attention)
 
-    (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return (train.apply_gradients(state, grads),
-            student_step_metrics(metrics, loss, logits, batch, grads))
+        def loss_fn(params):
+            student = nnx.merge(state.graphdef, params)
+            out, mlm_logits = student_forward(student, batch, dropout_key, spec)
+            loss, metrics = combined_loss(spec, out, teacher_out, batch, state.step,
+                                          student.projection, mlm_logits)
+            return loss, (metrics, out.logits)
+
+        (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, student_step_metrics(metrics, loss, logits, batch, grads)
+
+    grads, metrics = train.accumulate_gradients(micro_step, state.params, batch,
+                                                grad_accum_steps, dropout_key)
+    return train.apply_gradients(state, grads), metrics
 
 
-def make_distill_step(mesh: Mesh, spec: LossSpec, step_fn: Callable = distill_step,
-                      ) -> Callable:
+def make_distill_step(mesh: Mesh, spec: LossSpec, step_fn: Callable = distill_step, *,
+                      fsdp: bool = False, grad_accum_steps: int = 1) -> Callable:
     """`step_fn` jitted over `mesh` for `spec`: batch split over `data`, state and teachers
-    replicated, state donated. Call it as `step(state, teachers, batch, dropout_key)`."""
-    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(functools.partial(step_fn, spec=spec), in_shardings=(rep, rep, split, rep),
-                   out_shardings=(rep, rep), donate_argnums=0)
+    replicated (FSDP-split with `fsdp`, see `sharding.place_state`), state donated. Call it as
+    `step(state, teachers, batch, dropout_key)`.
+
+    Args:
+      grad_accum_steps: passed to `step_fn` as `grad_accum_steps=` when not 1.
+    """
+    step_fn = functools.partial(step_fn, spec=spec)
+    if grad_accum_steps != 1:
+        step_fn = functools.partial(step_fn, grad_accum_steps=grad_accum_steps)
+    return sharding.jit_step(step_fn, mesh, (sharding.STATE, sharding.STATE, sharding.BATCH,
+                                             sharding.REPLICATED), fsdp=fsdp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -548,6 +587,8 @@ def _teacher_finetune_config(config: ml_collections.ConfigDict,
     ft.train.epochs = config.teacher.epochs
     ft.train.seed = seed
     ft.train.num_devices = config.train.num_devices
+    ft.train.fsdp = config.train.get("fsdp", False)
+    ft.train.grad_accum_steps = config.train.get("grad_accum_steps", 1)
     ft.train.log_every = config.train.log_every
     ft.train.checkpoint_every = config.train.checkpoint_every
     return ft
@@ -742,12 +783,16 @@ def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     student_model = build_student(config, teachers[0], num_labels, mlm_head=needs_mlm)
     teacher_width = teachers[0].config.hidden_size if config.student.projection else None
     student = DistillStudent(student_model, teacher_width, rngs=nnx.Rngs(config.train.seed + 1))
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
-    (workdir / "labels.json").write_text(json.dumps(inputs.task.label_names) + "\n")
+    distributed.write_text(workdir / "config.json",
+                           json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    distributed.write_text(workdir / "labels.json", json.dumps(inputs.task.label_names) + "\n")
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
     dropout_key = sharding.replicate(jax.random.key(config.train.seed), mesh)
 
     train_seconds, stage_results = 0.0, {}
+    # Parameter layout and micro-batches of every stage's step (kdjax/sharding.py, train.py).
+    fsdp = config.train.get("fsdp", False)
+    grad_accum_steps = config.train.get("grad_accum_steps", 1)
     for name in config.stages:
         stage = config[name]
         spec = LossSpec.from_config(stage.loss, student_layers=student_model.config.num_hidden_layers,
@@ -771,13 +816,30 @@ def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             elif stage.teacher != "finetuned":
                 raise DistillError(f"{name}.teacher must be finetuned or pretrained, got "
                                    f"{stage.teacher!r}")
-            stage_teachers = sharding.replicate(Teachers.create(models), mesh)
+            stage_teachers = sharding.place_state(Teachers.create(models), mesh, fsdp=fsdp)
+        if spec.uses_teacher:
+            # Fixed inputs: the teachers' outputs are computed once, stored, and read back with
+            # each batch (kdjax/teacher_cache.py); the step then runs no teacher.
+            pretrained = stage.teacher == "pretrained"
+            cache = teacher_cache.for_stage(
+                config, name, spec, teachers=models, split=split, buckets=inputs.buckets,
+                mesh=mesh, workdir=workdir,
+                teacher_dirs=([hf.resolve_checkpoint(config.teacher.name)] if pretrained
+                              else teacher_dirs),
+                # hf.load_pretrained's new head for the task (seed 0) is in no file.
+                key_extra={"new_head_labels": num_labels, "seed": 0} if pretrained else None)
+            if cache is not None:
+                batcher = teacher_cache.CachedTeacherBatcher(batcher, cache)
+                spec = dataclasses.replace(spec, cached_hidden_layers=cache.hidden_layers)
+                stage_teachers = None
         optim_config = ml_collections.ConfigDict(config.optim.to_dict())
         optim_config.lr = stage.lr or config.optim.lr
         tx = optim.make_optimizer(optim_config, total_steps)
-        state = sharding.replicate(train.TrainState.create(student, tx), mesh)
-        step_fn = functools.partial(_with_teachers, make_distill_step(mesh, spec),
-                                    stage_teachers)
+        state = sharding.place_state(train.TrainState.create(student, tx), mesh, fsdp=fsdp)
+        step_fn = functools.partial(
+            _with_teachers, make_distill_step(mesh, spec, fsdp=fsdp,
+                                              grad_accum_steps=grad_accum_steps),
+            stage_teachers)
         if spec.adversarial:
             # KDABert: per-layer discriminators and alternating updates (kdjax/adversarial.py).
             from kdjax import adversarial
@@ -871,7 +933,7 @@ def _finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, in
     hf.save_pretrained(export, workdir / "model", label_names=inputs.task.label_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
