@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 WORKDIR ?= runs/sst2-kd
 CONFIG ?= configs/kd.py
 
-.PHONY: sst2 finetune quick test bench-finetune results clean
+.PHONY: sst2 finetune quick test bench bench-quick bench-finetune results clean
 
 $(VENV)/.run-deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,6 +41,14 @@ results: $(VENV)/.run-deps
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest -q
+
+# kdjax's distillation step against PyTorch eager and against the machine's matmul peak, the
+# teacher cache, length bucketing, compile time, memory, inference speeds (needs torch: test deps).
+bench: $(VENV)/.test-deps
+	$(VENV)/bin/kdjax bench --json results/bench.json
+
+bench-quick: $(VENV)/.test-deps
+	$(VENV)/bin/kdjax bench --quick
 
 bench-finetune: $(VENV)/.test-deps
 	$(PY) -m benchmarks.finetune_vs_torch --json results/finetune_bench.json

@@ -4,6 +4,11 @@
   kdjax distill   --config configs/RECIPE.py[:SETTING] [--config.KEY=VALUE ...] --workdir DIR
   kdjax eval      --model DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
   kdjax export    --workdir DIR [--step N] [--out DIR]
+  kdjax bench     [--quick] [--json PATH] [--preset minilm|bert-base] [--dtype float32|bfloat16]
+
+Several processes (hosts): start the same command in each with KDJAX_COORDINATOR=host:port,
+KDJAX_NUM_PROCESSES=N and KDJAX_PROCESS_ID=i (or JAX_COORDINATOR_ADDRESS, or KDJAX_DISTRIBUTED=1
+on a TPU pod / SLURM / Open MPI) and one shared --workdir; process 0 writes logs and files.
 """
 
 from __future__ import annotations
@@ -49,6 +54,33 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--workdir", required=True)
     export.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     export.add_argument("--out", default=None, help="default: WORKDIR/export-STEP")
+
+    bench = commands.add_parser(
+        "bench", help="distillation step speed: kdjax vs PyTorch, FLOP/s vs a matmul peak, "
+                      "teacher cache, bucketing, memory, inference per student size")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer steps and repeats, a dev subset: a few minutes on a CPU")
+    bench.add_argument("--json", default=None, metavar="PATH", help="also write the results")
+    bench.add_argument("--teacher", default="sentence-transformers/all-MiniLM-L6-v2",
+                       help="teacher checkpoint (with --preset bert-base: its tokenizer only)")
+    bench.add_argument("--preset", choices=("minilm", "bert-base"), default="minilm",
+                       help="minilm: the teacher checkpoint -> half-depth student; bert-base: "
+                            "random 12 x 768 teacher -> 6 x 768 student")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--seq-len", type=int, default=64)
+    bench.add_argument("--steps", type=int, default=0, help="timed steps (20; quick 3)")
+    bench.add_argument("--repeats", type=int, default=0, help="timed repeats (3; quick 2)")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    bench.add_argument("--bucket-batches", type=int, default=0,
+                       help="SST-2 train batches in the bucketing comparison (24; quick 4)")
+    bench.add_argument("--bucket-length", type=int, default=128,
+                       help="the fixed padding that length buckets are compared with")
+    bench.add_argument("--eval-batch-size", type=int, default=128)
+    bench.add_argument("--dev-examples", type=int, default=0,
+                       help="dev examples for inference throughput (0 = all; quick 256)")
+    bench.add_argument("--matmul-size", type=int, default=0,
+                       help="peak matmul size (0 = doubled until a call takes >= 50 ms)")
     return parser
 
 
@@ -63,27 +95,38 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(rest)
 
     # Imported after parsing so `kdjax --help` is instant.
+    from kdjax import distributed
+
+    try:
+        # Before anything touches a device: joins a multi-process run when the environment
+        # describes one.
+        distributed.initialize_from_env()
+    except distributed.DistributedSetupError as e:
+        print(f"kdjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
     from kdjax import config as config_lib, data, hf, train
 
     def load_config():
         return config_lib.validate(
             config_lib.apply_overrides(config_lib.load_config(args.config), overrides))
 
+    def report(result: dict) -> None:
+        if distributed.is_main_process():  # One copy of the results, not one per process.
+            print(json.dumps(result, indent=2))
+
     try:
         if args.command == "fine-tune":
             config = load_config()
             result = train.fine_tune(config, args.workdir, progress=not args.no_progress)
-            print(json.dumps({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")},
-                             indent=2))
+            report({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")})
         elif args.command == "distill":
             from kdjax import distill
             config = load_config()
             result = distill.distill(config, args.workdir, progress=not args.no_progress)
-            print(json.dumps({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")},
-                             indent=2))
+            report({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")})
         elif args.command == "eval":
             config = load_config()
-            print(json.dumps(train.evaluate_saved_model(args.model, config), indent=2))
+            report(train.evaluate_saved_model(args.model, config))
         elif args.command == "export":
             model, label_names, config, step = train.load_run(args.workdir, args.step)
             out = args.out or pathlib.Path(args.workdir) / f"export-{step}"
@@ -91,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 str(hf.resolve_checkpoint(config.model.name)))
             hf.save_pretrained(model, out, label_names=label_names, tokenizer=tokenizer)
-            print(f"wrote step {step} of {args.workdir} to {out}")
+            if distributed.is_main_process():
+                print(f"wrote step {step} of {args.workdir} to {out}")
+        elif args.command == "bench":
+            from kdjax import bench
+            bench.main(args)
     except (config_lib.ConfigError, data.DataError, hf.CheckpointError, FileNotFoundError,
             train.TrainingDiverged, ValueError) as e:
         print(f"kdjax {args.command}: error: {e}", file=sys.stderr)
