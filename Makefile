@@ -39,8 +39,11 @@ quick: $(VENV)/.run-deps
 results: $(VENV)/.run-deps
 	$(PY) -m benchmarks.sst2_results $(RESULTS_ARGS)
 
+# Two pytest workers (pytest-xdist), one per file group: the suite is mostly single-threaded
+# compilation, so 2 workers on 2 cores halve its time. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # kdjax's distillation step against PyTorch eager and against the machine's matmul peak, the
 # teacher cache, length bucketing, compile time, memory, inference speeds (needs torch: test deps).
