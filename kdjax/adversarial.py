@@ -437,7 +437,8 @@ def discriminator_step(state: AdversarialState, inputs: dict, dropout_base_key: 
 
 def student_step(state: AdversarialState, inputs: dict, batch: dict,
                  dropout_base_key: jax.Array, *, spec: distill.LossSpec, game: GameSpec,
-                 grad_accum_steps: int = 1) -> tuple[AdversarialState, dict]:
+                 grad_accum_steps: int = 1, layout: sharding.Layout | None = None,
+                 ) -> tuple[AdversarialState, dict]:
     """One student update: `distill.combined_loss` plus lambda_adv * the adversarial loss against
     the current (fixed) discriminators; the discriminators are passed through.
 
@@ -491,7 +492,7 @@ def student_step(state: AdversarialState, inputs: dict, batch: dict,
 
     grads, metrics = train.accumulate_gradients(
         micro_step, s.params, {**batch, "teacher_out": teacher_out}, grad_accum_steps,
-        dropout_key)
+        dropout_key, layout)
     return state.replace(student=train.apply_gradients(s, grads)), metrics
 
 
@@ -603,9 +604,8 @@ class AlternatingStep:
         # whole batch, no micro-batches.
         self.discriminator = sharding.jit_step(functools.partial(discriminator_fn, game=game),
                                                mesh, (state_, as_is, rep_), fsdp=fsdp)
-        student_fn = functools.partial(student_fn, spec=spec, game=game)
-        if grad_accum_steps != 1:
-            student_fn = functools.partial(student_fn, grad_accum_steps=grad_accum_steps)
+        student_fn = sharding.with_accumulation(
+            functools.partial(student_fn, spec=spec, game=game), grad_accum_steps, mesh, fsdp=fsdp)
         self.student = sharding.jit_step(student_fn, mesh, (state_, as_is, batch_, rep_),
                                          fsdp=fsdp)
         self._step: int | None = None

@@ -88,6 +88,7 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, *,
 
 def bilstm_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Array, *,
                 spec: distill.LossSpec, grad_accum_steps: int = 1,
+                layout: sharding.Layout | None = None,
                 ) -> tuple[train.TrainState, dict]:
     """One student update on a (global) batch.
 
@@ -123,7 +124,7 @@ def bilstm_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Arra
         return grads, distill.student_step_metrics(metrics, loss, logits, batch, grads)
 
     grads, metrics = train.accumulate_gradients(micro_step, state.params, batch,
-                                                grad_accum_steps, dropout_key)
+                                                grad_accum_steps, dropout_key, layout)
     return train.apply_gradients(state, grads), metrics
 
 

@@ -510,7 +510,7 @@ def student_step_metrics(metrics: dict, loss: jax.Array, logits: jax.Array, batc
 
 def distill_step(state: train.TrainState, teachers: Teachers | None, batch: dict,
                  dropout_base_key: jax.Array, *, spec: LossSpec, grad_accum_steps: int = 1,
-                 ) -> tuple[train.TrainState, dict]:
+                 layout: sharding.Layout | None = None) -> tuple[train.TrainState, dict]:
     """One student update: teacher forward (outside the gradient) -> student loss -> AdamW.
 
     Args:
@@ -552,7 +552,7 @@ def distill_step(state: train.TrainState, teachers: Teachers | None, batch: dict
         return grads, student_step_metrics(metrics, loss, logits, batch, grads)
 
     grads, metrics = train.accumulate_gradients(micro_step, state.params, batch,
-                                                grad_accum_steps, dropout_key)
+                                                grad_accum_steps, dropout_key, layout)
     return train.apply_gradients(state, grads), metrics
 
 
@@ -563,11 +563,10 @@ def make_distill_step(mesh: Mesh, spec: LossSpec, step_fn: Callable = distill_st
     `step(state, teachers, batch, dropout_key)`.
 
     Args:
-      grad_accum_steps: passed to `step_fn` as `grad_accum_steps=` when not 1.
+      grad_accum_steps: bound with the layout by `sharding.with_accumulation` when not 1.
     """
-    step_fn = functools.partial(step_fn, spec=spec)
-    if grad_accum_steps != 1:
-        step_fn = functools.partial(step_fn, grad_accum_steps=grad_accum_steps)
+    step_fn = sharding.with_accumulation(functools.partial(step_fn, spec=spec), grad_accum_steps,
+                                         mesh, fsdp=fsdp)
     return sharding.jit_step(step_fn, mesh, (sharding.STATE, sharding.STATE, sharding.BATCH,
                                              sharding.REPLICATED), fsdp=fsdp)
 

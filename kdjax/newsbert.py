@@ -262,6 +262,7 @@ def joint_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: dict,
 
 def newsbert_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Array, *,
                   spec: NewsBertSpec, grad_accum_steps: int = 1,
+                  layout: sharding.Layout | None = None,
                   ) -> tuple[train.TrainState, dict]:
     """One joint update of teacher, student and shared head (see the module docstring).
 
@@ -294,7 +295,7 @@ def newsbert_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Ar
         return grads, metrics
 
     grads, metrics = train.accumulate_gradients(micro_step, state.params, batch,
-                                                grad_accum_steps, dropout_key)
+                                                grad_accum_steps, dropout_key, layout)
     grads = mix_student_layer_grads(grads, spec.beta, spec.block)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return train.apply_gradients(state, grads), metrics

@@ -8,8 +8,8 @@ replicated, or with FSDP (`train.fsdp`) split over the same axis by a shape rule
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
+import functools
 import itertools
 import math
 from typing import Callable, Sequence
@@ -196,25 +196,25 @@ def constrain_state(tree, mesh: Mesh, *, fsdp: bool):
     return jax.lax.with_sharding_constraint(tree, state_shardings(tree, mesh, fsdp=fsdp))
 
 
-# The mesh and FSDP flag of the step being traced (set by `jit_step`), so that helpers called
-# inside a step (gradient accumulation) can lay out what they create like the state.
-_TRACING_PLACEMENT: contextvars.ContextVar = contextvars.ContextVar("kdjax_placement",
-                                                                   default=None)
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a step's arrays live: the mesh and whether the state is FSDP-split. Hashable, so a
+    step function takes it as a static keyword argument (bound by `with_accumulation`) and helpers
+    inside the step (gradient accumulation) lay out what they create like the state."""
+
+    mesh: Mesh
+    fsdp: bool = False
 
 
-@contextlib.contextmanager
-def tracing_placement(mesh: Mesh, *, fsdp: bool):
-    """Within this context `active_placement()` returns `(mesh, fsdp)`."""
-    token = _TRACING_PLACEMENT.set((mesh, fsdp))
-    try:
-        yield
-    finally:
-        _TRACING_PLACEMENT.reset(token)
-
-
-def active_placement() -> tuple[Mesh, bool] | None:
-    """`(mesh, fsdp)` of the step `jit_step` is tracing, or None outside one."""
-    return _TRACING_PLACEMENT.get()
+def with_accumulation(step_fn: Callable, grad_accum_steps: int, mesh: Mesh, *,
+                      fsdp: bool = False) -> Callable:
+    """`step_fn` with `grad_accum_steps=` and `layout=` bound when it accumulates micro-batches
+    (k != 1); unchanged otherwise, so a step function without those parameters still works
+    without accumulation."""
+    if grad_accum_steps == 1:
+        return step_fn
+    return functools.partial(step_fn, grad_accum_steps=grad_accum_steps,
+                             layout=Layout(mesh, fsdp))
 
 
 # Kinds of a jitted step's positional arguments (see `jit_step`).
@@ -250,8 +250,7 @@ def jit_step(step_fn: Callable, mesh: Mesh, arg_kinds: Sequence[str], *, fsdp: b
         args = list(args)
         for i in state_args:
             args[i] = constrain_state(args[i], mesh, fsdp=fsdp)
-        with tracing_placement(mesh, fsdp=fsdp):
-            out = step_fn(*args)
+        out = step_fn(*args)
         if returns_state:
             new_state, *rest = out
             return (constrain_state(new_state, mesh, fsdp=fsdp), *rest)

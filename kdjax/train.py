@@ -112,7 +112,8 @@ def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
 
 
 def accumulate_gradients(micro_step: Callable, params: nnx.State, batch: dict,
-                         num_micro_batches: int, key: jax.Array) -> tuple[nnx.State, dict]:
+                         num_micro_batches: int, key: jax.Array,
+                         layout: sharding.Layout | None = None) -> tuple[nnx.State, dict]:
     """One update's gradient from `num_micro_batches` micro-batches, one at a time.
 
     The batch is split by `split_micro_batches`; a `jax.lax.scan` runs `micro_step` on each
@@ -132,6 +133,8 @@ def accumulate_gradients(micro_step: Callable, params: nnx.State, batch: dict,
       num_micro_batches: k (`train.grad_accum_steps`); 1 calls `micro_step(params, batch, key)`
         once, exactly the computation of a step without accumulation.
       key: the step's key; micro-batch j gets `fold_in(key, j)` when k > 1.
+      layout: the step's mesh and FSDP flag (`sharding.with_accumulation` binds it); None
+        leaves the layout of what the loop creates to XLA.
 
     Returns:
       (gradient, metric sums) of the whole batch.
@@ -146,10 +149,9 @@ def accumulate_gradients(micro_step: Callable, params: nnx.State, batch: dict,
     if k < 1 or size % k:
         raise ValueError(f"train.grad_accum_steps={k} must divide the batch of {size} rows")
     micro_batches = split_micro_batches(batch, k)
-    placement = sharding.active_placement()
     constrain_grads = constrain_rows = gather_params = lambda tree: tree
-    if placement is not None:
-        mesh, fsdp = placement
+    if layout is not None:
+        mesh, fsdp = layout.mesh, layout.fsdp
         # Micro-batch rows split over `data` like the batch; the running gradient laid out like
         # the parameters (under FSDP each device accumulates only its slice).
         constrain_rows = functools.partial(jax.lax.with_sharding_constraint,
@@ -182,7 +184,8 @@ def accumulate_gradients(micro_step: Callable, params: nnx.State, batch: dict,
 
 
 def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array, *,
-               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+               grad_accum_steps: int = 1, layout: sharding.Layout | None = None,
+               ) -> tuple[TrainState, dict]:
     """One supervised fine-tuning update on a (global) batch.
 
     Args:
@@ -191,6 +194,7 @@ def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array, *,
       dropout_base_key: the run's key; the step's dropout key is derived from it and the step
         number, so a resumed run draws the same dropout masks.
       grad_accum_steps: micro-batches per update (`accumulate_gradients`).
+      layout: the step's mesh and FSDP flag, for the accumulation loop.
 
     Returns:
       (new state, metric sums for this step).
@@ -210,7 +214,7 @@ def train_step(state: TrainState, batch: dict, dropout_base_key: jax.Array, *,
         return grads, weighted_sums(per_example, logits, batch)
 
     grads, step_metrics = accumulate_gradients(micro_step, state.params, batch,
-                                               grad_accum_steps, dropout_key)
+                                               grad_accum_steps, dropout_key, layout)
     step_metrics["grad_norm"] = optax.tree.norm(grads)
     return apply_gradients(state, grads), step_metrics
 
@@ -226,11 +230,9 @@ def make_train_step(mesh: Mesh, step_fn: Callable = train_step, *, fsdp: bool = 
     replicated (FSDP-split with `fsdp`, see `sharding.place_state`) in and out, and donated.
 
     Args:
-      grad_accum_steps: passed to `step_fn` as `grad_accum_steps=` when not 1 (so a step
-        function without that parameter still works without accumulation).
+      grad_accum_steps: bound with the layout by `sharding.with_accumulation` when not 1.
     """
-    if grad_accum_steps != 1:
-        step_fn = functools.partial(step_fn, grad_accum_steps=grad_accum_steps)
+    step_fn = sharding.with_accumulation(step_fn, grad_accum_steps, mesh, fsdp=fsdp)
     return sharding.jit_step(step_fn, mesh, (sharding.STATE, sharding.BATCH,
                                              sharding.REPLICATED), fsdp=fsdp)
 
