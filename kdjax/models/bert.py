@@ -6,7 +6,8 @@ an option). LayerNorm statistics and the attention softmax always run in float32
 
 The forward pass returns only what is asked for: hidden states of every layer (embedding output
 first), pre-softmax attention scores and attention probabilities, pooled output, classifier and MLM
-logits. Distillation losses need all of them; a plain forward pass pays for none.
+logits, and each layer's query, key and value projections (MiniLM's relations). Distillation
+losses need all of them; a plain forward pass pays for none.
 
 Dropout takes an explicit PRNG key (`dropout_key`); `dropout_key=None` means deterministic, which is
 how a frozen teacher is always run.
@@ -89,6 +90,8 @@ class BertOutput:
         softmax (float32). Padded key positions hold real numbers; losses mask them.
       attention_probs: tuple of num_layers arrays [B, heads, L, L]: softmax probabilities with
         padded keys at exactly zero (float32, before dropout).
+      queries, keys, values: tuples of num_layers arrays [B, L, H]: each layer's query, key and
+        value projections before they are split into heads (compute dtype, biases included).
     """
 
     last_hidden_state: jax.Array
@@ -98,6 +101,9 @@ class BertOutput:
     hidden_states: tuple[jax.Array, ...] | None = None
     attention_scores: tuple[jax.Array, ...] | None = None
     attention_probs: tuple[jax.Array, ...] | None = None
+    queries: tuple[jax.Array, ...] | None = None
+    keys: tuple[jax.Array, ...] | None = None
+    values: tuple[jax.Array, ...] | None = None
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -167,7 +173,8 @@ class BertSelfAttention(nnx.Module):
         cfg = self.config
         batch, seq_len, _ = x.shape
         split_heads = lambda t: t.reshape(batch, seq_len, cfg.num_attention_heads, cfg.head_dim)
-        q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
+        qkv = self.query(x), self.key(x), self.value(x)
+        q, k, v = map(split_heads, qkv)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)  # [B, heads, L, L]
         key_is_real = attention_mask[:, None, None, :].astype(bool)
@@ -177,7 +184,7 @@ class BertSelfAttention(nnx.Module):
         context = context.reshape(batch, seq_len, cfg.hidden_size)
         out = dropout(self.output(context), cfg.hidden_dropout_prob, _sub_key(dropout_key, 1))
         out = self.layer_norm(out + x).astype(cfg.compute_dtype)
-        return out, scores, probs
+        return out, scores, probs, qkv
 
 
 class BertLayer(nnx.Module):
@@ -191,10 +198,10 @@ class BertLayer(nnx.Module):
 
     def __call__(self, x, attention_mask, dropout_key):
         cfg = self.config
-        x, scores, probs = self.attention(x, attention_mask, _sub_key(dropout_key, 0))
+        x, scores, probs, qkv = self.attention(x, attention_mask, _sub_key(dropout_key, 0))
         y = self.output(ACTIVATIONS[cfg.hidden_act](self.intermediate(x)))
         y = dropout(y, cfg.hidden_dropout_prob, _sub_key(dropout_key, 1))
-        return self.layer_norm(y + x).astype(cfg.compute_dtype), scores, probs
+        return self.layer_norm(y + x).astype(cfg.compute_dtype), scores, probs, qkv
 
 
 class BertPooler(nnx.Module):
@@ -234,7 +241,7 @@ class BertModel(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                  dropout_key: jax.Array | None = None, output_hidden_states: bool = False,
-                 output_attentions: bool = False) -> BertOutput:
+                 output_attentions: bool = False, output_qkv: bool = False) -> BertOutput:
         """Encodes a batch.
 
         Args:
@@ -244,6 +251,7 @@ class BertModel(nnx.Module):
           dropout_key: PRNG key enabling dropout; None runs deterministically.
           output_hidden_states: also return every layer's hidden states.
           output_attentions: also return pre-softmax scores and attention probabilities.
+          output_qkv: also return every layer's query, key and value projections.
 
         Returns:
           A `BertOutput` (logits and mlm_logits are None at this level).
@@ -253,20 +261,25 @@ class BertModel(nnx.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, _sub_key(dropout_key, 0))
-        hidden_states, scores, probs = [x], [], []
+        hidden_states, scores, probs, qkv = [x], [], [], []
         for i, layer in enumerate(self.layers):
-            x, layer_scores, layer_probs = layer(x, attention_mask, _sub_key(dropout_key, i + 1))
+            x, layer_scores, layer_probs, layer_qkv = layer(x, attention_mask,
+                                                            _sub_key(dropout_key, i + 1))
             if output_hidden_states:
                 hidden_states.append(x)
             if output_attentions:
                 scores.append(layer_scores)
                 probs.append(layer_probs)
+            if output_qkv:
+                qkv.append(layer_qkv)
+        queries, keys, values = (tuple(t) for t in zip(*qkv)) if output_qkv else (None,) * 3
         return BertOutput(
             last_hidden_state=x,
             pooled=None if self.pooler is None else self.pooler(x),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attention_scores=tuple(scores) if output_attentions else None,
             attention_probs=tuple(probs) if output_attentions else None,
+            queries=queries, keys=keys, values=values,
         )
 
 
@@ -285,12 +298,13 @@ class BertClassifier(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                  dropout_key: jax.Array | None = None, output_hidden_states: bool = False,
-                 output_attentions: bool = False, mlm: bool = False) -> BertOutput:
+                 output_attentions: bool = False, output_qkv: bool = False,
+                 mlm: bool = False) -> BertOutput:
         """Like `BertModel.__call__`, plus float32 `logits` and, with `mlm=True`, `mlm_logits`."""
         out = self.bert(input_ids, attention_mask, token_type_ids,
                         dropout_key=_sub_key(dropout_key, 0),
                         output_hidden_states=output_hidden_states,
-                        output_attentions=output_attentions)
+                        output_attentions=output_attentions, output_qkv=output_qkv)
         rate = self.config.classifier_dropout
         rate = self.config.hidden_dropout_prob if rate is None else rate
         pooled = dropout(out.pooled, rate, _sub_key(dropout_key, 1))
