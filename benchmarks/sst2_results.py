@@ -68,7 +68,8 @@ def _teacher(setting: str, workdir: pathlib.Path, given: str | None, overrides: 
              seed: int = 0):
     """The setting's fine-tuned teacher directory (fine-tuned here once when not given).
     Seeds other than 0 are the extra members of a multi-teacher ensemble."""
-    from kdjax import distill, train
+    from kdjax import train
+    from kdjax.engine import teachers
     if given and setting != "few_labels" and seed == 0:
         return given
     name = "teacher-few_labels" if setting == "few_labels" else "teacher-full"
@@ -78,7 +79,7 @@ def _teacher(setting: str, workdir: pathlib.Path, given: str | None, overrides: 
         config = _config("baseline", "few_labels" if setting == "few_labels" else "half_depth",
                          overrides)
         print(f"== fine-tuning the {setting} teacher (seed {seed}) into {run_dir}", flush=True)
-        train.fine_tune(distill._teacher_finetune_config(config, seed), run_dir)
+        train.fine_tune(teachers._teacher_finetune_config(config, seed), run_dir)
     return str(run_dir / "model")
 
 

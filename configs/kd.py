@@ -13,10 +13,4 @@ from kdjax import recipes
 
 
 def get_config(arg=None):
-    config = recipes.distill_config(arg)
-    config.recipe = "kd"
-    alpha = 0.5
-    config.distill.loss.soft = alpha
-    config.distill.loss.ce = 1 - alpha
-    config.distill.loss.temperature = 2.0
-    return config
+    return recipes.kd_config(arg)

@@ -8,8 +8,8 @@ everything else as configs/kdabert.py (same argument `SETTING[,LOSS]`, default t
   kdjax distill --config configs/kdabert_mse.py:few_labels,hinge --workdir runs/kdabert_mse_fl
 """
 
-from kdjax import adversarial
+from kdjax import recipes
 
 
 def get_config(arg=None):
-    return adversarial.kdabert_config(arg, hidden_mse=1.0)
+    return recipes.kdabert_config(arg, hidden_mse=1.0)

@@ -16,13 +16,12 @@ from kdjax import recipes
 
 
 def get_config(arg=None):
-    config = recipes.distill_config(arg)
-    config.recipe = "tinybert"
     intermediate_terms = dict(embedding=1.0, attention=1.0, hidden=1.0, layer_map="uniform")
-    config.stages = ("general", "intermediate", "prediction")
-    config.general = recipes.stage_config(teacher="pretrained", data="unlabelled",
-                                          **intermediate_terms)
-    config.intermediate = recipes.stage_config(**intermediate_terms)
-    config.prediction = recipes.stage_config(soft_ce=1.0, temperature=1.0)
-    del config["distill"]
+    config = recipes.distill_config(arg, stages={
+        "general": recipes.stage_config(teacher="pretrained", data="unlabelled",
+                                        **intermediate_terms),
+        "intermediate": recipes.stage_config(**intermediate_terms),
+        "prediction": recipes.stage_config(soft_ce=1.0, temperature=1.0),
+    })
+    config.recipe = "tinybert"
     return config

@@ -46,13 +46,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kdjax import bench_torch, config as config_lib, data, distill, hf, optim, recipes, sharding
+from kdjax import bench_torch, data, distill, hf, methods, recipes, sharding
 from kdjax import teacher_cache, train
 from kdjax.models.bert import BertClassifier, BertConfig
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-KD_CONFIG = REPO_ROOT / "configs" / "kd.py"
-BILSTM_CONFIG = REPO_ROOT / "configs" / "bilstm.py"
 
 PRESETS = ("minilm", "bert-base")
 # --preset bert-base: a random-init BERT-base-sized teacher (no checkpoint needed).
@@ -154,7 +151,7 @@ class _Sections:
 
 @dataclasses.dataclass
 class KDSetup:
-    """The `kd` recipe's step for one teacher: everything `distill.distill` would build."""
+    """The `kd` recipe's step for one teacher: everything `kdjax distill` would build."""
 
     config: ml_collections.ConfigDict
     spec: distill.LossSpec
@@ -167,16 +164,14 @@ class KDSetup:
 
 
 def kd_config(teacher: BertClassifier, dtype: str = "float32") -> ml_collections.ConfigDict:
-    """configs/kd.py's half_depth config for `teacher`: a student of half its depth (at least
-    one layer), copied from evenly spread layers."""
-    if not KD_CONFIG.is_file():
-        raise BenchError(f"{KD_CONFIG} not found: kdjax bench runs from a kdjax source checkout "
-                         "(it reads the kd recipe from configs/kd.py)")
-    config = config_lib.load_config(f"{KD_CONFIG}:half_depth")
+    """The `kd` recipe's half_depth config (`recipes.kd_config`, what configs/kd.py runs) for
+    `teacher`: a student of half its depth (at least one layer), copied from evenly spread
+    layers."""
+    config = recipes.kd_config("half_depth")
     config.student.layers = max(1, teacher.config.num_hidden_layers // 2)
     config.student.dtype = dtype
     config.teacher.dtype = dtype
-    return config_lib.validate(config)
+    return methods.validate(config)
 
 
 def _without_dropout(model: BertClassifier) -> BertClassifier:
@@ -190,8 +185,8 @@ def _without_dropout(model: BertClassifier) -> BertClassifier:
 
 def kd_setup(teacher: BertClassifier, num_labels: int, tokenizer, mesh: Mesh, *,
              total_steps: int = 1000, dtype: str = "float32", dropout: bool = True) -> KDSetup:
-    """The student, loss, optimizer and replicated state of the `kd` recipe, built the way
-    `distill.distill` builds them from configs/kd.py.
+    """The student, loss, optimizer and replicated state of the `kd` recipe, built by the same
+    stage builder `kdjax distill` uses (`kdjax.engine.run.build_stage`).
 
     Args:
       teacher: the frozen teacher (its dtype is the step's).
@@ -206,25 +201,23 @@ def kd_setup(teacher: BertClassifier, num_labels: int, tokenizer, mesh: Mesh, *,
     student_model = distill.build_student(config, teacher, num_labels, mlm_head=False)
     if not dropout:
         student_model = _without_dropout(student_model)
-    stage = config[config.stages[0]]
-    spec = distill.LossSpec.from_config(
-        stage.loss, student_layers=student_model.config.num_hidden_layers,
-        teacher_layers=teacher.config.num_hidden_layers, total_steps=total_steps,
-        tokenizer=tokenizer)
+    name = config.stages[0]
+    spec = distill.stage_loss(config, name, methods=methods.loss_methods(),
+                              student=student_model.config, teacher=teacher.config,
+                              tokenizer=tokenizer, total_steps=total_steps)
     teacher_width = teacher.config.hidden_size if config.student.projection else None
     student = distill.DistillStudent(student_model, teacher_width,
                                      rngs=nnx.Rngs(config.train.seed + 1))
-    optim_config = ml_collections.ConfigDict(config.optim.to_dict())
-    optim_config.lr = stage.lr or config.optim.lr
-    tx = optim.make_optimizer(optim_config, total_steps)
+    teachers = sharding.replicate(distill.Teachers.create([teacher]), mesh)
+    # The stage exactly as `kdjax distill` builds it (one device mesh, no FSDP, no accumulation).
+    stage = distill.build_stage(config, name, spec, student, teachers, mesh,
+                                total_steps=total_steps)
     # Copies: the state is donated to every step and must not alias the student module's arrays,
     # which the caller may still read (its size, a comparison with the initial weights).
-    state = sharding.replicate(jax.tree.map(jnp.copy, train.TrainState.create(student, tx)),
-                               mesh)
-    teachers = sharding.replicate(distill.Teachers.create([teacher]), mesh)
+    state = sharding.replicate(jax.tree.map(jnp.copy, stage.state), mesh)
     layers = distill.spread_layers(teacher.config.num_hidden_layers, config.student.layers)
-    return KDSetup(config, spec, state, teachers, student_model, layers, optim_config,
-                   distill.make_distill_step(mesh, spec))
+    return KDSetup(config, spec, state, teachers, student_model, layers, stage.optim_config,
+                   stage.step)
 
 
 def torch_kd_step(setup: KDSetup, teacher: BertClassifier, *, total_steps: int = 1000,
@@ -501,8 +494,8 @@ def measure_bucketing(setup: KDSetup, examples: list[data.Example], tokenizer, m
 def inference_models(teacher: BertClassifier, num_labels: int, tokenizer, label_names,
                      dtype: str) -> list[tuple[str, nnx.Module]]:
     """The teacher and one random-init model per recipe student size: half_depth and
-    tenth_size from `recipes.SETTINGS`, the BiLSTM of configs/bilstm.py."""
-    from kdjax import bilstm
+    tenth_size from `recipes.SETTINGS`, the BiLSTM of `recipes.bilstm_config`."""
+    from kdjax.methods import bilstm
 
     models = [("teacher", teacher)]
     for name in ("half_depth", "tenth_size"):
@@ -511,7 +504,7 @@ def inference_models(teacher: BertClassifier, num_labels: int, tokenizer, label_
                                      heads=size["heads"], intermediate=size["intermediate"],
                                      dtype=dtype)
         models.append((name, BertClassifier(cfg, num_labels, rngs=nnx.Rngs(1))))
-    config = config_lib.load_config(str(BILSTM_CONFIG))
+    config = recipes.bilstm_config("tang")
     config.student.init = "random"
     models.append(("bilstm", bilstm.build_student(config, teacher, num_labels, tokenizer,
                                                   label_names, pair=False)))

@@ -4,6 +4,9 @@ A config is a Python file with `get_config(arg=None) -> ml_collections.ConfigDic
 style); `arg` picks a variant, as in `configs/finetune.py:quick`. Overrides such as
 `--config.optim.lr=3e-5` may only touch keys the config already has and must keep their type;
 `validate` then checks ranges. Every refusal is a `ConfigError` naming the key.
+
+The sections every run has (model, data, optim, train) are built here; the distillation sections
+and the recipes are built by `kdjax.recipes` from the methods' own defaults.
 """
 
 from __future__ import annotations
@@ -14,6 +17,74 @@ import pathlib
 from typing import Any, Callable, Sequence
 
 import ml_collections
+
+
+# ------------------------------------------------------------------------------------------------
+# The sections every run has
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+    """model / data / optim / train: everything `kdjax fine-tune` reads."""
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "sentence-transformers/all-MiniLM-L6-v2"  # A path or a hub name.
+    config.model.dtype = "float32"  # Computation dtype; parameters stay float32.
+
+    config.data = data_config()
+    config.optim = optim_config()
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 1.0
+    config.train.max_steps = 0  # 0 = run for `epochs`.
+    config.train.stop_after_steps = 0  # End this invocation after N steps (resume later); 0 = off.
+    config.train.seed = 0
+    config.train.log_every = 50
+    config.train.checkpoint_every = 500  # 0 = only at the end.
+    config.train.keep_checkpoints = 2
+    config.train.num_devices = 0  # 0 = every device.
+    # FSDP: parameters and optimizer state split over the devices by a shape rule
+    # (kdjax.sharding.state_shardings) instead of replicated: the same updates, and each device
+    # holds 1/N of every large array.
+    config.train.fsdp = False
+    # Micro-batches per update: the batch is split k ways, gradients accumulated, one update
+    # (data.batch_size must be a multiple of k x the devices).
+    config.train.grad_accum_steps = 1
+    config.train.tensorboard = False
+    return config
+
+
+def data_config() -> ml_collections.ConfigDict:
+    data = ml_collections.ConfigDict()
+    data.task = "sst2"  # A GLUE task name, or any name when files are given.
+    data.train_file = ""  # Local .tsv/.csv/.jsonl; empty = the GLUE task.
+    data.dev_file = ""
+    data.text_columns = ("sentence",)  # One column, or two for sentence pairs.
+    data.label_column = "label"
+    data.max_length = 64
+    data.buckets = ()  # Padded lengths jit compiles for; () = the default ladder.
+    data.batch_size = 32
+    data.eval_batch_size = 128
+    data.train_limit = 0  # Train on a seeded random subset of this size (0 = all).
+    data.subset_seed = 0
+    data.dev_limit = 0
+    return data
+
+
+def optim_config(lr: float = 1e-4) -> ml_collections.ConfigDict:
+    optim = ml_collections.ConfigDict()
+    optim.lr = lr
+    optim.warmup_ratio = 0.1
+    optim.weight_decay = 0.01
+    optim.grad_clip = 1.0
+    optim.b1 = 0.9
+    optim.b2 = 0.999
+    optim.eps = 1e-8
+    return optim
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading, overriding and validating
 
 
 class ConfigError(ValueError):
@@ -93,10 +164,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
     return config
 
 
-_SCHEDULES = ("constant", "linear_warmup", "linear_decay")
-
-# (key, check, what the check demands). Keys a config lacks are skipped, so one table serves
-# every recipe.
+# (key, check, what the check demands) for the sections every run has and the engine's; keys a
+# config lacks are skipped. Each method brings the rules of its own keys (kdjax/methods/).
 _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.lr", lambda v: v > 0, "must be > 0"),
     ("optim.warmup_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -143,49 +212,6 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("student.mlm_head_init", lambda v: v in ("teacher", "random"),
      "must be 'teacher' or 'random'"),
     ("stages", lambda v: len(v) >= 1, "must name at least one stage"),
-    ("method", lambda v: v in ("bert", "bilstm", "newsbert"),
-     "must be 'bert', 'bilstm' or 'newsbert'"),
-]
-
-# NewsBERT's joint-training section (configs/newsbert.py).
-_RULES += [
-    ("newsbert.beta", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = no momentum distillation)"),
-    ("newsbert.temperature", lambda v: v > 0, "must be > 0"),
-    ("newsbert.epochs", lambda v: v > 0, "must be > 0"),
-    ("newsbert.labelled_repeats", lambda v: v >= 1, "must be >= 1"),
-] + [(f"newsbert.{term}", lambda v: v >= 0, "must be >= 0 (0 = off)")
-     for term in ("teacher_ce", "embedding", "hidden", "pooled", "soft_ce", "ce")]
-
-# The distilled BiLSTM's student, optimizer and augmentation (kdjax/bilstm.py, configs/bilstm*.py).
-_RULES += [
-    ("student.mlp", lambda v: v >= 1, "must be >= 1"),
-    ("student.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optim.rho", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("augment.method", lambda v: v in ("tang", "tinybert", "none"),
-     "must be 'tang', 'tinybert' or 'none'"),
-    ("augment.n_iter", lambda v: v >= 0, "must be >= 0"),
-    ("augment.max_examples", lambda v: v >= 0, "must be >= 0 (0 = no cap)"),
-    ("augment.max_ngram", lambda v: v >= 1, "must be >= 1"),
-    ("augment.k", lambda v: v >= 1, "must be >= 1"),
-    ("augment.pair_sides", lambda v: v in ("random", "first", "second", "both"),
-     "must be 'random', 'first', 'second' or 'both'"),
-] + [(f"augment.{p}", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-     for p in ("p_mask", "p_pos", "p_ng", "p_t")]
-
-# KDABert's discriminator section (kdjax/adversarial.py, configs/kdabert.py).
-_RULES += [
-    ("discriminator.loss", lambda v: v in ("bce", "hinge", "wgan_gp"),
-     "must be 'bce', 'hinge' or 'wgan_gp'"),
-    ("discriminator.hidden", lambda v: v >= 1, "must be >= 1"),
-    ("discriminator.lr", lambda v: v > 0, "must be > 0"),
-    ("discriminator.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("discriminator.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("discriminator.steps_per_student_step", lambda v: v >= 0,
-     "must be >= 0 (0 = by loss: 1 for bce/hinge, 5 for wgan_gp)"),
-    ("discriminator.label_smoothing", lambda v: 0 <= v < 0.5,
-     "must be in [0, 0.5) (the teacher features' target is 1 - label_smoothing)"),
-    ("discriminator.gp_weight", lambda v: v >= 0, "must be >= 0"),
-    ("discriminator.health_window", lambda v: v >= 1, "must be >= 1 (steps)"),
 ]
 
 # Rules for every stage section named in `stages`.
@@ -194,19 +220,7 @@ _STAGE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("lr", lambda v: v >= 0, "must be >= 0 (0 = optim.lr)"),
     ("teacher", lambda v: v in ("finetuned", "pretrained"), "must be 'finetuned' or 'pretrained'"),
     ("data", lambda v: v in ("train", "unlabelled"), "must be 'train' or 'unlabelled'"),
-    ("loss.temperature", lambda v: v > 0, "must be > 0"),
-    ("loss.temperature_end", lambda v: v >= 0, "must be >= 0 (0 = no schedule)"),
-    ("loss.temperature_schedule", lambda v: v in _SCHEDULES, f"must be one of {_SCHEDULES}"),
-    ("loss.weight_schedule", lambda v: v in _SCHEDULES, f"must be one of {_SCHEDULES}"),
-    ("loss.schedule_warmup_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    ("loss.layer_map", lambda v: v in ("uniform", "skip", "last", "explicit"),
-     "must be uniform, skip, last or explicit"),
-    ("loss.mlm_probability", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("loss.adversarial_warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("loss.adversarial_ramp", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = no ramp)"),
-] + [(f"loss.{term}", lambda v: v >= 0, "must be >= 0 (0 = off)")
-     for term in ("ce", "soft", "soft_ce", "logit_mse", "embedding", "hidden", "attention",
-                  "attention_kl", "cosine", "pkd", "mlm", "adversarial")]
+]
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -221,13 +235,20 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
 _MISSING = object()
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def validate(config: ml_collections.ConfigDict,
+             extra_rules: Sequence[tuple[str, Callable[[Any], bool], str]] = (),
+             ) -> ml_collections.ConfigDict:
     """Checks value ranges and cross-field constraints.
+
+    Args:
+      config: the config.
+      extra_rules: `(dotted key, check, what it demands)` of the methods the config names
+        (`kdjax.methods.config_rules`); keys the config lacks are skipped.
 
     Raises:
       ConfigError: the first invalid value, naming its key.
     """
-    rules = list(_RULES)
+    rules = list(_RULES) + list(extra_rules)
     stages = _get(config, "stages")
     if stages is not _MISSING:
         for name in stages:

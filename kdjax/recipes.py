@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from kdjax import methods
+from kdjax.config import data_config, finetune_config, optim_config  # noqa: F401
+from kdjax.methods import bilstm, kdabert, newsbert
+
 # The experimental settings of results/sst2.md (see the README). Student sizes are for the
 # 6-layer, 384-wide, 12-head all-MiniLM-L6-v2 teacher.
 SETTINGS = {
@@ -28,95 +32,10 @@ SETTINGS = {
 }
 
 
-def finetune_config() -> ml_collections.ConfigDict:
-    """model / data / optim / train: everything `kdjax fine-tune` reads."""
-    config = ml_collections.ConfigDict()
-
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "sentence-transformers/all-MiniLM-L6-v2"  # A path or a hub name.
-    config.model.dtype = "float32"  # Computation dtype; parameters stay float32.
-
-    config.data = data_config()
-    config.optim = optim_config()
-
-    config.train = ml_collections.ConfigDict()
-    config.train.epochs = 1.0
-    config.train.max_steps = 0  # 0 = run for `epochs`.
-    config.train.stop_after_steps = 0  # End this invocation after N steps (resume later); 0 = off.
-    config.train.seed = 0
-    config.train.log_every = 50
-    config.train.checkpoint_every = 500  # 0 = only at the end.
-    config.train.keep_checkpoints = 2
-    config.train.num_devices = 0  # 0 = every device.
-    # FSDP: parameters and optimizer state split over the devices by a shape rule
-    # (kdjax.sharding.state_shardings) instead of replicated: the same updates, and each device
-    # holds 1/N of every large array.
-    config.train.fsdp = False
-    # Micro-batches per update: the batch is split k ways, gradients accumulated, one update
-    # (data.batch_size must be a multiple of k x the devices).
-    config.train.grad_accum_steps = 1
-    config.train.tensorboard = False
-    return config
-
-
-def data_config() -> ml_collections.ConfigDict:
-    data = ml_collections.ConfigDict()
-    data.task = "sst2"  # A GLUE task name, or any name when files are given.
-    data.train_file = ""  # Local .tsv/.csv/.jsonl; empty = the GLUE task.
-    data.dev_file = ""
-    data.text_columns = ("sentence",)  # One column, or two for sentence pairs.
-    data.label_column = "label"
-    data.max_length = 64
-    data.buckets = ()  # Padded lengths jit compiles for; () = the default ladder.
-    data.batch_size = 32
-    data.eval_batch_size = 128
-    data.train_limit = 0  # Train on a seeded random subset of this size (0 = all).
-    data.subset_seed = 0
-    data.dev_limit = 0
-    return data
-
-
-def optim_config(lr: float = 1e-4) -> ml_collections.ConfigDict:
-    optim = ml_collections.ConfigDict()
-    optim.lr = lr
-    optim.warmup_ratio = 0.1
-    optim.weight_decay = 0.01
-    optim.grad_clip = 1.0
-    optim.b1 = 0.9
-    optim.b2 = 0.999
-    optim.eps = 1e-8
-    return optim
-
-
 def loss_config(**weights) -> ml_collections.ConfigDict:
-    """A stage's loss terms (weights; 0 = off) and their settings. See `kdjax.distill.LossSpec`."""
-    loss = ml_collections.ConfigDict()
-    loss.ce = 0.0  # Hard-label cross-entropy (labelled examples only).
-    loss.soft = 0.0  # Hinton: T^2 * KL(teacher || student) on task logits.
-    loss.soft_ce = 0.0  # TinyBERT prediction loss: soft cross-entropy, no T^2.
-    loss.logit_mse = 0.0  # Distilled BiLSTM: MSE on logits.
-    loss.embedding = 0.0  # TinyBERT: MSE on embedding outputs (projected when widths differ).
-    loss.hidden = 0.0  # TinyBERT: MSE on mapped hidden states.
-    loss.attention = 0.0  # TinyBERT: MSE on mapped pre-softmax attention scores.
-    loss.attention_kl = 0.0  # KL between mapped attention distributions.
-    loss.cosine = 0.0  # DistilBERT: 1 - cos on last-layer hidden states.
-    loss.pkd = 0.0  # Patient KD: normalised [CLS] distance on mapped intermediate layers.
-    loss.mlm = 0.0  # DistilBERT: masked-LM cross-entropy on dynamically masked input.
-    # KDABert: lambda_adv on the student's adversarial loss against per-layer discriminators
-    # (config.discriminator, kdjax/adversarial.py); 0 for the first `adversarial_warmup` of the
-    # stage, then a linear ramp to full over the next `adversarial_ramp` (0 = at once).
-    loss.adversarial = 0.0
-    loss.adversarial_warmup = 0.1
-    loss.adversarial_ramp = 0.1
-    loss.temperature = 1.0
-    loss.temperature_end = 0.0  # With a temperature schedule: the final T (0 = same as T).
-    loss.temperature_schedule = "constant"  # constant | linear_warmup | linear_decay
-    loss.weight_schedule = "constant"  # For every teacher term: constant | linear_warmup | ...
-    loss.schedule_warmup_ratio = 0.1  # linear_warmup: fraction of the stage to reach full.
-    loss.layer_map = "uniform"  # uniform (TinyBERT) | skip | last (PKD) | explicit
-    loss.layer_map_explicit = ()  # explicit: teacher layer (1-based) for student layers 1..M.
-    loss.hard_labels_from_teacher = False  # CE on unlabelled examples uses the teacher argmax.
-    loss.mlm_probability = 0.15
+    """A stage's `loss` section: every method's settings (term weights, 0 = off; see each module
+    of kdjax/methods/) and the settings they share, with `weights` set."""
+    loss = ml_collections.ConfigDict(methods.loss_section_defaults())
     for name, value in weights.items():
         if name not in loss:
             raise ValueError(f"unknown loss setting {name!r}")
@@ -145,6 +64,15 @@ def stage_config(*, epochs: float = 1.0, lr: float = 0.0, teacher: str = "finetu
     return stage
 
 
+def kd_config(setting: str | None = None) -> ml_collections.ConfigDict:
+    """Hinton KD (configs/kd.py): alpha T^2 KL + (1 - alpha) CE, alpha = 0.5, T = 2."""
+    alpha = 0.5
+    config = distill_config(setting, stages={"distill": stage_config(
+        soft=alpha, ce=1 - alpha, temperature=2.0)})
+    config.recipe = "kd"
+    return config
+
+
 def pkd_config(setting: str | None, layer_map: str) -> ml_collections.ConfigDict:
     """Patient KD (Sun et al. 2019): (1 - alpha) CE + alpha T^2 KL + beta L_PT, with alpha = 0.5,
     T = 5, beta = 100 from the paper's grid; the student starts from the teacher's first layers
@@ -161,8 +89,74 @@ def pkd_config(setting: str | None, layer_map: str) -> ml_collections.ConfigDict
     return config
 
 
-def distill_config(setting: str | None = "half_depth") -> ml_collections.ConfigDict:
-    """The sections of a distillation run; a recipe then sets `config.distill.loss`."""
+def _teacher_section(spec: dict, *, fine_tuned: bool = True) -> ml_collections.ConfigDict:
+    teacher = ml_collections.ConfigDict()
+    # A checkpoint already fine-tuned on the task (with its label map) is used as it is; a
+    # pretrained one is fine-tuned first into WORKDIR/teacher (or teacher-seedN), once.
+    teacher.name = "sentence-transformers/all-MiniLM-L6-v2"
+    teacher.seeds = (0,)  # Several seeds: an ensemble whose soft targets are averaged.
+    teacher.extra = ()  # More fine-tuned teacher directories for the ensemble.
+    if fine_tuned:
+        teacher.epochs = 1.0 if not spec["train_limit"] else 10.0
+        teacher.optim = optim_config(1e-4)
+    teacher.dtype = "float32"
+    # Teacher-output cache (kdjax/teacher_cache.py): for stages whose inputs are fixed (no mlm,
+    # adversarial or attention term), the teachers' logits are computed once, stored on disk
+    # and read back instead of running the teachers in every step.
+    teacher.cache = True
+    teacher.cache_hidden = False  # Also the hidden layers the stage's terms read.
+    teacher.cache_dir = ""  # "" = WORKDIR/cache.
+    teacher.cache_max_gb = 8.0  # Refuse to build a larger cache (GB = 1e9 bytes).
+    return teacher
+
+
+def _bert_student_section(spec: dict, *, distilled: bool = True) -> ml_collections.ConfigDict:
+    student = ml_collections.ConfigDict()
+    student.layers = spec["layers"]
+    student.hidden = spec["hidden"]  # 0 = the teacher's.
+    student.heads = spec["heads"]  # 0 = the teacher's.
+    student.intermediate = spec["intermediate"]  # 0 = the teacher's (or 4x hidden).
+    student.init = spec["init"]  # teacher | random
+    # Which teacher layers a teacher-initialised student copies: spread (DistilBERT: evenly,
+    # first and last kept), first (Patient KD), or explicit (init_layers_explicit, 0-based).
+    student.init_layers = "spread"
+    student.init_layers_explicit = ()
+    if distilled:
+        # The MLM head for an `mlm` loss: from the teacher, or "random" when it has none.
+        student.mlm_head_init = "teacher"
+        # A learned projection (student width -> teacher width) for the embedding/hidden/pkd
+        # terms when widths differ; off, such a mismatch is refused.
+        student.projection = True
+    student.dtype = "float32"
+    return student
+
+
+def _train_section() -> ml_collections.ConfigDict:
+    train = ml_collections.ConfigDict()
+    train.max_steps = 0  # Per stage; 0 = from the stage's epochs.
+    train.stop_after_steps = 0
+    train.seed = 0
+    train.log_every = 50
+    train.checkpoint_every = 500
+    train.keep_checkpoints = 1
+    train.num_devices = 0
+    # FSDP: parameters and optimizer state split over the devices by a shape rule
+    # (kdjax.sharding.state_shardings) instead of replicated: the same updates, and each device
+    # holds 1/N of every large array.
+    train.fsdp = False
+    # Micro-batches per update: the batch is split k ways, gradients accumulated, one update
+    # (data.batch_size must be a multiple of k x the devices).
+    train.grad_accum_steps = 1
+    train.tensorboard = False
+    return train
+
+
+def _run_config(setting: str | None, *, method: str = "bert", fine_tuned_teacher: bool = True,
+                student: ml_collections.ConfigDict | None = None,
+                optim: ml_collections.ConfigDict | None = None,
+                stages: dict | None = None) -> ml_collections.ConfigDict:
+    """The sections of a distillation run in a setting: the teacher, the student (a BERT of the
+    setting's size unless given), data, optimizer, training and the stages (name -> section)."""
     setting = setting or "half_depth"
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
@@ -170,71 +164,29 @@ def distill_config(setting: str | None = "half_depth") -> ml_collections.ConfigD
     config = ml_collections.ConfigDict()
     config.setting = setting
     config.recipe = ""
-    # Which run function trains the student: bert (this module's staged distillation of a BERT
-    # student), or a recipe with its own student/step (see kdjax.distill._METHOD_RUNNERS).
-    config.method = "bert"
-
-    config.teacher = ml_collections.ConfigDict()
-    # A checkpoint already fine-tuned on the task (with its label map) is used as it is; a
-    # pretrained one is fine-tuned first into WORKDIR/teacher (or teacher-seedN), once.
-    config.teacher.name = "sentence-transformers/all-MiniLM-L6-v2"
-    config.teacher.seeds = (0,)  # Several seeds: an ensemble whose soft targets are averaged.
-    config.teacher.extra = ()  # More fine-tuned teacher directories for the ensemble.
-    config.teacher.epochs = 1.0 if not spec["train_limit"] else 10.0
-    config.teacher.optim = optim_config(1e-4)
-    config.teacher.dtype = "float32"
-    # Teacher-output cache (kdjax/teacher_cache.py): for stages whose inputs are fixed (no mlm,
-    # adversarial or attention term), the teachers' logits are computed once, stored on disk
-    # and read back instead of running the teachers in every step.
-    config.teacher.cache = True
-    config.teacher.cache_hidden = False  # Also the hidden layers the stage's terms read.
-    config.teacher.cache_dir = ""  # "" = WORKDIR/cache.
-    config.teacher.cache_max_gb = 8.0  # Refuse to build a larger cache (GB = 1e9 bytes).
-
-    config.student = ml_collections.ConfigDict()
-    config.student.layers = spec["layers"]
-    config.student.hidden = spec["hidden"]  # 0 = the teacher's.
-    config.student.heads = spec["heads"]  # 0 = the teacher's.
-    config.student.intermediate = spec["intermediate"]  # 0 = the teacher's (or 4x hidden).
-    config.student.init = spec["init"]  # teacher | random
-    # Which teacher layers a teacher-initialised student copies: spread (DistilBERT: evenly,
-    # first and last kept), first (Patient KD), or explicit (init_layers_explicit, 0-based).
-    config.student.init_layers = "spread"
-    config.student.init_layers_explicit = ()
-    # The MLM head for an `mlm` loss: from the teacher, or "random" when the teacher has none.
-    config.student.mlm_head_init = "teacher"
-    # A learned projection (student width -> teacher width) for the embedding/hidden/pkd terms
-    # when widths differ; off, such a mismatch is refused.
-    config.student.projection = True
-    config.student.dtype = "float32"
-
+    # Which run trains the student: bert (the engine's staged distillation of a BERT student),
+    # or a method with its own student and run (kdjax/methods/: bilstm, newsbert).
+    config.method = method
+    config.teacher = _teacher_section(spec, fine_tuned=fine_tuned_teacher)
+    config.student = student if student is not None else _bert_student_section(spec)
     config.data = data_config()
     config.data.train_limit = spec["train_limit"]
     config.data.unlabelled_rest = spec["unlabelled_rest"]
     config.data.unlabelled_file = ""  # One sentence per line: the "unlabelled" stages' corpus.
-
-    config.optim = optim_config(spec["lr"])
-
-    config.train = ml_collections.ConfigDict()
-    config.train.max_steps = 0  # Per stage; 0 = from the stage's epochs.
-    config.train.stop_after_steps = 0
-    config.train.seed = 0
-    config.train.log_every = 50
-    config.train.checkpoint_every = 500
-    config.train.keep_checkpoints = 1
-    config.train.num_devices = 0
-    # FSDP: parameters and optimizer state split over the devices by a shape rule
-    # (kdjax.sharding.state_shardings) instead of replicated: the same updates, and each device
-    # holds 1/N of every large array.
-    config.train.fsdp = False
-    # Micro-batches per update: the batch is split k ways, gradients accumulated, one update
-    # (data.batch_size must be a multiple of k x the devices).
-    config.train.grad_accum_steps = 1
-    config.train.tensorboard = False
-
-    config.stages = ("distill",)
-    config.distill = stage_config()
+    config.optim = optim if optim is not None else optim_config(spec["lr"])
+    config.train = _train_section()
+    if stages is not None:
+        config.stages = tuple(stages)
+        for name, section in stages.items():
+            config[name] = section
     return config
+
+
+def distill_config(setting: str | None = "half_depth", *,
+                   stages: dict | None = None) -> ml_collections.ConfigDict:
+    """The sections of a staged BERT distillation run; a recipe then sets the loss weights of
+    its stages (by default one stage, `distill`)."""
+    return _run_config(setting, stages=stages or {"distill": stage_config()})
 
 
 def bilstm_config(augment: str = "tang", *, teacher_terms: bool = True,
@@ -248,49 +200,56 @@ def bilstm_config(augment: str = "tang", *, teacher_terms: bool = True,
       teacher_terms: alpha CE + (1 - alpha) logit MSE with alpha = 0.5 (hard labels of augmented
         examples from the teacher's argmax); False: CE on the labelled examples only.
     """
-    config = distill_config(None)
-    config.setting = "bilstm"
-    config.method = "bilstm"
-    config.recipe = "bilstm"
-
-    config.student = ml_collections.ConfigDict()
-    config.student.layers = 1  # One BiLSTM layer (reported as student_layers).
-    config.student.hidden = 150  # LSTM width per direction (Tang et al., SST-2).
-    config.student.mlp = 200  # ReLU hidden layer of the classifier.
-    config.student.dropout = 0.1
-    # Embedding table: teacher = a copy of the fine-tuned teacher's 384-d word-piece embeddings
-    # (Tang's 300-d word2vec is not available offline); random = learned from scratch.
-    config.student.init = "teacher"
-    config.student.train_embedding = True
-
-    config.optim = ml_collections.ConfigDict()
-    config.optim.name = "adadelta"
-    config.optim.lr = 1.0
-    config.optim.rho = 0.95
-    config.optim.eps = 1e-6
-    config.optim.grad_clip = 0.0  # 0 = off (Tang et al. do not clip).
-
-    config.data.batch_size = 50
-
-    config.augment = ml_collections.ConfigDict()
-    config.augment.method = augment  # tang | tinybert | none
-    # Copies per example before duplicates are dropped: Tang's n_iter, TinyBERT's N_a (20 both).
-    config.augment.n_iter = 20
-    # Cap on new examples (0 = none). SST-2 x 20 would be ~1.3 M examples for the teacher to
-    # label and the student to train on; 200k keeps a 2-core CPU run in hours, not days.
-    config.augment.max_examples = 200_000
-    config.augment.seed = 0
-    config.augment.p_mask = 0.1  # Tang: [MASK] a word.
-    config.augment.p_pos = 0.1  # Tang: replace a word by one of the same POS tag.
-    config.augment.p_ng = 0.25  # Tang: keep only a random n-gram of the copy.
-    config.augment.max_ngram = 5
-    config.augment.p_t = 0.4  # TinyBERT: replace a candidate word.
-    config.augment.k = 15  # TinyBERT: candidates per word.
-    config.augment.pair_sides = "random"  # Pairs: first | second | both | random.
-
     alpha = 0.5
     weights = (dict(ce=alpha, logit_mse=1 - alpha, hard_labels_from_teacher=True)
                if teacher_terms else dict(ce=1.0))
     # Sized for a 2-core CPU: 2 passes over ~267k transfer examples, 5 over SST-2's 67k.
-    config.distill = stage_config(epochs=2.0 if teacher_terms else 5.0, **weights)
+    stage = stage_config(epochs=2.0 if teacher_terms else 5.0, **weights)
+    config = _run_config(None, method="bilstm", student=bilstm.student_section(),
+                         optim=bilstm.optim_section(), stages={"distill": stage})
+    config.setting = "bilstm"
+    config.recipe = "bilstm"
+    config.data.batch_size = 50
+    config.augment = bilstm.augment_section(augment)
+    return config
+
+
+def kdabert_config(arg: str | None = None, *, hidden_mse: float = 0.0,
+                   ) -> ml_collections.ConfigDict:
+    """configs/kdabert.py (`hidden_mse` = 0) and configs/kdabert_mse.py (`hidden_mse` = 1).
+
+    Student loss `0.5 T^2 KL (T = 2) + 0.5 CE + gamma * sum_l MSE(h_s W_h, h_t) + lambda_adv *
+    sum_l L_G`: KD and CE as configs/kd.py, gamma = `hidden_mse`, lambda_adv = 0.1 (0 for the
+    first 10 % of the stage, ramped in over the next 10 %), TinyBERT's uniform layer map.
+
+    Args:
+      arg: `SETTING[,LOSS]`: a `SETTINGS` name (default tenth_size) and the discriminator loss
+        (bce, the default; hinge; wgan_gp), which picks the discriminator section's defaults
+        (`kdjax.methods.kdabert.discriminator_config`).
+      hidden_mse: gamma, the weight of the hidden-state MSE.
+    """
+    setting, _, loss = (arg or "").partition(",")
+    alpha = 0.5
+    stage = stage_config(soft=alpha, ce=1 - alpha, temperature=2.0, layer_map="uniform",
+                         hidden=float(hidden_mse), adversarial=0.1, adversarial_warmup=0.1,
+                         adversarial_ramp=0.1)
+    config = distill_config(setting or "tenth_size", stages={"distill": stage})
+    config.recipe = "kdabert_mse" if hidden_mse else "kdabert"
+    config.discriminator = kdabert.discriminator_config(loss or "bce")
+    return config
+
+
+def newsbert_config(setting: str | None = None) -> ml_collections.ConfigDict:
+    """configs/newsbert.py: one joint teacher-student run (`kdjax.methods.newsbert`) instead of a
+    teacher fine-tune and distillation stages, so the config has neither: no `stages`, no
+    teacher epochs or optimizer (one `optim` trains teacher, student and head), no projection or
+    MLM head. The student copies the teacher's first layers, as in the paper."""
+    spec = SETTINGS[setting or "half_depth"] if (setting or "half_depth") in SETTINGS else None
+    if spec is None:
+        raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
+    config = _run_config(setting, method="newsbert", fine_tuned_teacher=False,
+                         student=_bert_student_section(spec, distilled=False))
+    config.recipe = "newsbert"
+    config.student.init_layers = "first"
+    config.newsbert = newsbert.section(labelled_repeats=10 if config.data.unlabelled_rest else 1)
     return config

@@ -4,8 +4,8 @@ teachers and data) reads them back instead of running the teachers.
 
 What is stored, per example of the split (float32):
   logits: every teacher's, `[N, K, C]`; always.
-  hidden states: the first teacher's, for exactly the layers the stage's terms read (0 = the
-    embedding output, the mapped layers, the last layer for cosine), only with
+  hidden states: the first teacher's, for exactly the layers the stage's methods read (their
+    `needs().teacher_hidden`: 0 = the embedding output, the mapped layers, ...), only with
     `teacher.cache_hidden`. Ragged: only real tokens, `hidden [T, S, H]` for T = all real tokens
     of the split and S stored layers, with `offsets [N + 1]` locating each example's rows.
   attention: never. Scores are [heads, L, L] per layer per example, quadratic in length: at
@@ -14,10 +14,10 @@ What is stored, per example of the split (float32):
     what running the small teacher again does.
 
 A stage is cached only when all its teacher outputs can come from the cache (see
-`uncacheable_reason`): no mlm term (DistilBERT's dynamic masking changes the teacher's input every
-step), no adversarial term (KDABert's discriminators read teacher features inside their own
-step), no attention terms, and hidden-state terms only with `teacher.cache_hidden`. NewsBERT's
-teacher trains, so its run (kdjax/newsbert.py) never uses the cache.
+`uncacheable_reason`): no method that says its teacher inputs are not fixed (DistilBERT's dynamic
+masking changes the teacher's input every step; KDABert's discriminators read teacher features
+inside their own step), no attention or query/key/value terms, and hidden-state terms only with
+`teacher.cache_hidden`. NewsBERT's teacher trains, so its run never uses the cache.
 
 On disk: `CACHE_DIR/teacher-outputs-KEY/` holding `outputs.safetensors` (the standard
 safetensors layout: a little-endian u64 header size, a JSON header, raw little-endian tensors)
@@ -111,39 +111,20 @@ def data_digest(split: data.EncodedSplit) -> str:
 # Which stages can be cached, and what they need
 
 
-def hidden_layers_read(spec, teacher_layers: int) -> tuple[int, ...]:
-    """The teacher `hidden_states` indices (0 = embedding output, N = last layer) that
-    `distill.combined_loss` reads for `spec`'s terms."""
-    layers = set()
-    if spec.embedding:
-        layers.add(0)
-    if spec.hidden:
-        layers.update(t for _, t in spec.layer_pairs)
-    if spec.pkd:
-        # combined_loss skips the last pair (the soft loss covers it).
-        layers.update(t for _, t in spec.layer_pairs[:-1])
-    if spec.cosine:
-        layers.add(teacher_layers)
-    return tuple(sorted(layers))
-
-
 def uncacheable_reason(spec, *, cache_hidden: bool) -> str | None:
-    """None when every teacher output `spec`'s loss needs can be read from a cache; otherwise
-    why the teacher has to run inside the step."""
-    if not spec.uses_teacher:
+    """None when every teacher output `spec`'s loss needs (its methods' `needs`) can be read
+    from a cache; otherwise why the teacher has to run inside the step."""
+    needs = spec.needs
+    if not needs.uses_teacher:
         return "the stage uses no teacher"
-    if spec.mlm:
-        return ("its mlm term re-masks the input every step (DistilBERT's dynamic masking), so "
-                "the teacher never sees the same input twice")
-    if spec.adversarial:
-        return ("KDABert's discriminators read teacher features inside their own step "
-                "(kdjax/adversarial.py)")
-    if spec.needs_attention:
-        return ("its attention terms need teacher attention maps, which are never cached "
-                "([heads, L, L] per layer per example: tens of GB for SST-2)")
-    if spec.needs_hidden and not cache_hidden:
+    if needs.uncacheable:
+        return needs.uncacheable
+    if needs.teacher_attention or needs.teacher_qkv:
+        return ("its terms read teacher attention maps or query/key/value projections, which "
+                "are never cached ([heads, L, L] per layer per example: tens of GB for SST-2)")
+    if needs.teacher_hidden and not cache_hidden:
         return "its terms read teacher hidden states and teacher.cache_hidden is off"
-    if spec.needs_hidden and spec.extra_terms:
+    if needs.teacher_hidden and spec.extra_terms:
         return "user loss terms may read any teacher layer, and only the mapped ones are cached"
     return None
 
@@ -621,8 +602,7 @@ def for_stage(config, stage_name: str, spec, *, teacher_dirs: Sequence[str | os.
             print(f"stage {stage_name}: no teacher-output cache, the teacher runs in every "
                   f"step: {reason}", flush=True)
         return None
-    layers = (hidden_layers_read(spec, teachers[0].config.num_hidden_layers)
-              if spec.needs_hidden else ())
+    layers = spec.needs.teacher_hidden
     cache = load_or_compute(
         teacher_dirs, teachers, split, mesh=mesh, cache_dir=cache_directory(config, workdir),
         batch_size=config.data.eval_batch_size, buckets=buckets, hidden_layers=layers,

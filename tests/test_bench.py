@@ -13,6 +13,7 @@ import transformers
 
 from conftest import write_toy_task
 from kdjax import bench, bench_torch, cli, data, hf, sharding
+from kdjax.methods.kd import KD
 
 torch = pytest.importorskip("torch")
 
@@ -49,7 +50,8 @@ def _steps_agree(tiny_hf_dir, toy_task, *, steps):
 
 def test_torch_step_has_kdjax_loss_at_step_0_and_after_updates(tiny_hf_dir, toy_task):
     setup, kdjax_losses, torch_losses = _steps_agree(tiny_hf_dir, toy_task, steps=4)
-    assert setup.spec.ce == 0.5 and setup.spec.soft == 0.5 and setup.spec.temperature == 2.0
+    kd = setup.spec.method(KD)
+    assert kd.ce == 0.5 and kd.soft == 0.5 and setup.spec.temperature == 2.0
     assert setup.init_layers == (0,)  # Half of the tiny teacher's 2 layers.
     np.testing.assert_allclose(kdjax_losses[0], torch_losses[0], atol=1e-4)
     # Later steps agree too: the same AdamW, clipping and learning-rate schedule.

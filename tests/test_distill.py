@@ -13,13 +13,22 @@ import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT, random_token_batch, write_toy_task
-from kdjax import config as config_lib, distill, hf, optim, sharding, train
-from kdjax.models.bert import BertClassifier, BertConfig, count_params
+from kdjax import config as config_lib, distill, hf, methods, optim, sharding, train
+from kdjax.methods.distilbert import DistilBERT, mask_tokens
+from kdjax.methods.kd import KD
+from kdjax.models.bert import BertOutput, BertClassifier, BertConfig, count_params
 
 TEACHER = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=32, max_position_embeddings=32)
 # Tiny vocabulary: ids 0-2 are special, 3 is [MASK].
 TINY_TOKENS = dict(mask_token_id=3, special_token_ids=(0, 1, 2), vocab_size=64)
+
+
+def _with_tiny_tokens(spec):
+    """`spec` with DistilBERT's token ids set for the tiny vocabulary."""
+    return dataclasses.replace(spec, methods=tuple(
+        dataclasses.replace(m, **TINY_TOKENS) if isinstance(m, DistilBERT) else m
+        for m in spec.methods))
 
 
 def _batch(seed, batch_size=16, length=12):
@@ -78,9 +87,10 @@ def test_init_from_teacher_copies_the_chosen_layers():
 
 
 def test_mask_tokens_masks_about_15_percent_of_real_non_special_tokens():
-    spec = distill.LossSpec(mlm=1.0, **TINY_TOKENS)
+    spec = distill.loss_spec(mlm=1.0, **TINY_TOKENS)
     batch = _batch(0, batch_size=64, length=32)
-    masked = jax.jit(distill.mask_tokens, static_argnums=2)(batch, jax.random.key(0), spec)
+    masked = jax.jit(mask_tokens, static_argnums=2)(batch, jax.random.key(0),
+                                                    spec.method(DistilBERT))
     where, positions = np.asarray(masked["mlm_where"]), np.asarray(masked["mlm_positions"])
     ids, new_ids = batch["input_ids"], np.asarray(masked["input_ids"])
     eligible = (batch["attention_mask"] == 1) & (ids > 2)
@@ -102,11 +112,11 @@ def test_schedules_and_temperature():
     assert float(distill.schedule_factor("linear_warmup", step(5), 100, 0.1)) == pytest.approx(0.5)
     assert float(distill.schedule_factor("linear_warmup", step(50), 100, 0.1)) == 1.0
     assert float(distill.schedule_factor("linear_decay", step(25), 100, 0.1)) == pytest.approx(0.75)
-    spec = distill.LossSpec(temperature=4.0, temperature_end=1.0,
+    spec = distill.loss_spec(temperature=4.0, temperature_end=1.0,
                             temperature_schedule="linear_decay", total_steps=100)
     assert float(distill.temperature_at(spec, step(50))) == pytest.approx(2.5)
     with pytest.raises(distill.DistillError, match="weight_schedule"):
-        distill.LossSpec(weight_schedule="cosine")
+        distill.loss_spec(weight_schedule="cosine")
 
 
 def test_combined_loss_adds_weighted_terms_and_reports_each():
@@ -115,8 +125,8 @@ def test_combined_loss_adds_weighted_terms_and_reports_each():
     teacher_logits = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)  # Two teachers.
     batch = {"labels": jnp.array([0, 2, -1, 1]), "weights": jnp.array([1.0, 1.0, 1.0, 0.0]),
              "attention_mask": jnp.ones((4, 5), jnp.int32)}
-    spec = distill.LossSpec(ce=0.3, soft=0.7, temperature=2.0)
-    out = distill.BertOutput(last_hidden_state=jnp.zeros((4, 5, 2)), logits=student_logits)
+    spec = distill.loss_spec(ce=0.3, soft=0.7, temperature=2.0)
+    out = BertOutput(last_hidden_state=jnp.zeros((4, 5, 2)), logits=student_logits)
     loss, metrics = distill.combined_loss(spec, out, {"logits": teacher_logits}, batch,
                                           jnp.asarray(0))
     # Independent numpy: CE over the 2 labelled real rows, soft KL against the teachers'
@@ -148,15 +158,16 @@ def _recipe_stages():
 @pytest.mark.parametrize("recipe, stage", _recipe_stages())
 def test_recipe_step_traces_once_learns_and_leaves_the_teacher_untouched(recipe, stage):
     config = config_lib.load_config(str(REPO_ROOT / "configs" / f"{recipe}.py"))
-    spec = distill.LossSpec.from_config(config[stage].loss, student_layers=2, teacher_layers=4,
-                                        total_steps=40)
-    spec = dataclasses.replace(spec, **TINY_TOKENS)
-    mlm = bool(spec.mlm)
+    spec = distill.LossSpec.from_config(config[stage].loss, methods=methods.loss_methods(),
+                                        student_layers=2, teacher_layers=4, total_steps=40)
+    spec = _with_tiny_tokens(spec)
+    distilbert = spec.method(DistilBERT)
+    mlm = bool(distilbert and distilbert.mlm)
     # A larger init makes the random teacher's predictions differ between examples, so soft
     # targets carry something to learn.
     teacher = BertClassifier(TEACHER.replace(initializer_range=0.5), 3, rngs=nnx.Rngs(0))
     # Narrow students (with a projection) where the recipe allows it.
-    hidden = 16 if spec.cosine or recipe == "baseline" else 8
+    hidden = 16 if (distilbert and distilbert.cosine) or recipe == "baseline" else 8
     student = BertClassifier(distill.student_config(TEACHER, layers=2, hidden=hidden), 3,
                              rngs=nnx.Rngs(1), mlm_head=mlm)
     module = distill.DistillStudent(student, TEACHER.hidden_size, rngs=nnx.Rngs(2))
@@ -181,12 +192,13 @@ def test_recipe_step_traces_once_learns_and_leaves_the_teacher_untouched(recipe,
         losses_seen.append(float(metrics["loss_sum"] / metrics["count"]))
     assert np.isfinite(losses_seen).all()
     floor = 0.0
-    if spec.soft_ce:  # Soft cross-entropy cannot go below the teacher's entropy.
+    kd = spec.method(KD)
+    if kd and kd.soft_ce:  # Soft cross-entropy cannot go below the teacher's entropy.
         b = _batch(0)
         probs = np.asarray(jax.nn.softmax(teacher(b["input_ids"], b["attention_mask"],
                                                   b["token_type_ids"]).logits), np.float64)
         entropy = -(probs * np.log(probs)).sum(-1)
-        floor = spec.soft_ce * float((entropy * b["weights"]).sum() / b["weights"].sum())
+        floor = kd.soft_ce * float((entropy * b["weights"]).sum() / b["weights"].sum())
     excess = np.asarray(losses_seen) - floor
     assert np.mean(excess[-5:]) < 0.9 * np.mean(excess[:5]), losses_seen
     chex.assert_trees_all_equal(jax.device_get(nnx.state(teacher, nnx.Param)), teacher_before)
@@ -196,28 +208,28 @@ def test_recipe_step_traces_once_learns_and_leaves_the_teacher_untouched(recipe,
 def test_teacher_forward_returns_only_what_is_asked_and_stacks_teachers():
     teachers = distill.Teachers.create([BertClassifier(TEACHER, 3, rngs=nnx.Rngs(i))
                                         for i in range(2)])
-    out = distill.teacher_forward(teachers, _batch(0), logits=True)
+    out = distill.teacher_forward(teachers, _batch(0), distill.Needs(teacher_logits=True))
     assert set(out) == {"logits"} and out["logits"].shape == (2, 16, 3)
-    out = distill.teacher_forward(teachers, _batch(0), logits=False, hidden=True, attention=True)
+    out = distill.teacher_forward(teachers, _batch(0), distill.Needs(
+        teacher_hidden=(0, 4), teacher_attention=True))
     assert set(out) == {"hidden_states", "attention_scores", "attention_probs"}
     assert len(out["hidden_states"]) == 5
+    out = distill.teacher_forward(teachers, _batch(0), distill.Needs(teacher_qkv=True))
+    assert set(out) == {"queries", "keys", "values"} and len(out["values"]) == 4
+    assert out["values"][0].shape == (16, 12, TEACHER.hidden_size)
 
 
 def test_width_and_head_mismatches_are_refused():
     narrow = distill.student_config(TEACHER, layers=2, hidden=8)
     with pytest.raises(distill.DistillError, match="projection is off"):
-        distill._check_architecture(distill.LossSpec(hidden=1.0), narrow, TEACHER,
-                                    projection=False)
+        distill.loss_spec(hidden=1.0).check(narrow, TEACHER, projection=False)
     with pytest.raises(distill.DistillError, match="cosine"):
-        distill._check_architecture(distill.LossSpec(cosine=1.0), narrow, TEACHER,
-                                    projection=True)
+        distill.loss_spec(cosine=1.0).check(narrow, TEACHER, projection=True)
     two_heads = distill.student_config(TEACHER, layers=2, heads=2)
     with pytest.raises(distill.DistillError, match="head counts"):
-        distill._check_architecture(distill.LossSpec(attention=1.0), two_heads, TEACHER,
-                                    projection=True)
+        distill.loss_spec(attention=1.0).check(two_heads, TEACHER, projection=True)
     # A narrow student with the projection on is fine for the projected terms.
-    distill._check_architecture(distill.LossSpec(hidden=1.0, pkd=1.0), narrow, TEACHER,
-                                projection=True)
+    distill.loss_spec(hidden=1.0, pkd=1.0).check(narrow, TEACHER, projection=True)
 
 
 def test_mlm_term_without_a_teacher_mlm_head_says_what_to_do():
@@ -236,7 +248,7 @@ def test_mlm_term_without_a_teacher_mlm_head_says_what_to_do():
 def _toy_distill_config(tmp_path, tiny_hf_dir, recipe, *overrides):
     train_file, dev_file = write_toy_task(tmp_path / "data")
     config = config_lib.load_config(str(REPO_ROOT / "configs" / f"{recipe}.py"))
-    return config_lib.validate(config_lib.apply_overrides(config, [
+    return methods.validate(config_lib.apply_overrides(config, [
         f"teacher.name={tiny_hf_dir}", "teacher.epochs=8", "teacher.optim.lr=1e-2",
         "data.task=toy", f"data.train_file={train_file}", f"data.dev_file={dev_file}",
         "data.max_length=16", "data.batch_size=16", "data.eval_batch_size=16",

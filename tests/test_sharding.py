@@ -28,9 +28,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO_ROOT, random_token_batch
-from kdjax import adversarial, bilstm, config as config_lib, data, distill, metrics, newsbert
+from kdjax import config as config_lib, data, distill, metrics
+from kdjax import methods
+from kdjax.engine import run as engine_run
+from kdjax.methods import bilstm, kdabert as adversarial, newsbert
 from kdjax import optim, recipes, sharding, train
-from kdjax.models.bert import BertClassifier, BertConfig
+from kdjax.models.bert import BertOutput, BertClassifier, BertConfig
 from kdjax.models.bilstm import BiLSTMClassifier, BiLSTMConfig
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -99,13 +102,13 @@ def _distill_kind(spec: distill.LossSpec) -> StepKind:
         jitted = distill.make_distill_step(
             mesh, spec, chex.assert_max_traces(distill.distill_step, n=1), fsdp=fsdp,
             grad_accum_steps=k)
-        return functools.partial(distill._with_teachers, jitted, _teachers(mesh, fsdp))
+        return functools.partial(engine_run._with_teachers, jitted, _teachers(mesh, fsdp))
 
     return StepKind(lambda: train.TrainState.create(_distill_student(), TX), make_step)
 
 
-KD_SPEC = distill.LossSpec(ce=0.5, soft=0.5, temperature=2.0)
-ADVERSARIAL_SPEC = distill.LossSpec(ce=0.5, soft=0.5, temperature=2.0, adversarial=1.0,
+KD_SPEC = distill.loss_spec(ce=0.5, soft=0.5, temperature=2.0)
+ADVERSARIAL_SPEC = distill.loss_spec(ce=0.5, soft=0.5, temperature=2.0, adversarial=1.0,
                                     adversarial_warmup=0.0, adversarial_ramp=0.0,
                                     layer_pairs=PAIRS, total_steps=10)
 
@@ -150,7 +153,7 @@ def _bilstm_batch(seed):
 
 
 def _bilstm_step(mesh, fsdp, k):
-    spec = distill.LossSpec(ce=0.5, logit_mse=0.5, hard_labels_from_teacher=True)
+    spec = distill.loss_spec(ce=0.5, logit_mse=0.5, hard_labels_from_teacher=True)
     step = functools.partial(chex.assert_max_traces(bilstm.bilstm_step, n=1), spec=spec)
     return train.make_train_step(mesh, step, fsdp=fsdp, grad_accum_steps=k)
 
@@ -162,7 +165,7 @@ KINDS = {
             mesh, chex.assert_max_traces(train.train_step, n=1), fsdp=fsdp,
             grad_accum_steps=k)),
     "distill_kd": _distill_kind(KD_SPEC),
-    "distill_hidden_attention": _distill_kind(distill.LossSpec(
+    "distill_hidden_attention": _distill_kind(distill.loss_spec(
         embedding=1.0, hidden=1.0, attention=1.0, layer_pairs=PAIRS)),
     "adversarial": StepKind(_adversarial_state, _adversarial_step,
                             params=lambda state: (state.student.params,
@@ -347,7 +350,7 @@ def test_grad_accum_steps_and_fsdp_are_validated_naming_the_key(tmp_path):
     train.start_run(config, tmp_path / "run")  # 2 micro-batches of 16: 2 rows per device.
     config.train.grad_accum_steps = 0
     with pytest.raises(config_lib.ConfigError, match="'train.grad_accum_steps' must be"):
-        config_lib.validate(config)
+        methods.validate(config)
     distill_config = recipes.distill_config()
     distill_config.lock()
     with pytest.raises(config_lib.ConfigError, match="'train.fsdp' expects bool"):
@@ -442,9 +445,9 @@ def test_combined_loss_of_bfloat16_outputs_is_computed_in_float32():
     mask[:, 3:] = 0
     batch = {"labels": jnp.array([0, 2, 1, 1, 0, 2]), "attention_mask": jnp.asarray(mask),
              "weights": jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])}
-    out = distill.BertOutput(last_hidden_state=s_hidden, logits=s_logits,
+    out = BertOutput(last_hidden_state=s_hidden, logits=s_logits,
                              hidden_states=(s_hidden, s_hidden))
-    spec = distill.LossSpec(ce=0.3, soft=0.7, hidden=2.0, temperature=2.0,
+    spec = distill.loss_spec(ce=0.3, soft=0.7, hidden=2.0, temperature=2.0,
                             layer_pairs=((1, 1),))
     loss, sums = distill.combined_loss(spec, out, {"logits": t_logits,
                                                    "hidden_states": (t_hidden, t_hidden)},

@@ -17,6 +17,7 @@ from flax import nnx
 
 from conftest import REPO_ROOT, write_toy_task
 from kdjax import config as config_lib, data, distill, hf, sharding, teacher_cache, train
+from kdjax import methods
 from kdjax.models.bert import BertClassifier, BertConfig
 
 # initializer_range 0.5: the random teachers' outputs differ clearly between examples.
@@ -235,7 +236,7 @@ def test_too_large_a_cache_is_refused_naming_the_key(tmp_path, mesh, teachers):
 def test_bad_cache_settings_are_refused(override, message):
     config = config_lib.load_config(str(REPO_ROOT / "configs" / "kd.py"))
     with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
-        config_lib.validate(config_lib.apply_overrides(config, [override]))
+        methods.validate(config_lib.apply_overrides(config, [override]))
     with pytest.raises(config_lib.ConfigError, match="teacher.cache' expects bool"):
         config_lib.apply_overrides(config, ["teacher.cache=maybe"])
 
@@ -247,7 +248,8 @@ def test_bad_cache_settings_are_refused(override, message):
 def _stage_spec(recipe, stage, *overrides):
     config = config_lib.load_config(str(REPO_ROOT / "configs" / f"{recipe}.py"))
     config = config_lib.apply_overrides(config, list(overrides))
-    return distill.LossSpec.from_config(config[stage].loss, student_layers=2, teacher_layers=4,
+    return distill.LossSpec.from_config(config[stage].loss, methods=methods.loss_methods(),
+                                        student_layers=2, teacher_layers=4,
                                         total_steps=1)
 
 
@@ -270,14 +272,14 @@ def test_only_stages_with_fixed_inputs_are_cached(recipe, stage, cache_hidden, r
         assert reason in found
 
 
-def test_hidden_layers_read_are_exactly_those_the_loss_indexes():
+def test_teacher_hidden_needs_are_exactly_the_layers_the_loss_indexes():
     # Uniform map 2 -> 4: student m <-> teacher 2m.
     spec = _stage_spec("kd", "distill", "distill.loss.embedding=1.0", "distill.loss.hidden=1.0")
-    assert teacher_cache.hidden_layers_read(spec, 4) == (0, 2, 4)
+    assert spec.needs.teacher_hidden == (0, 2, 4)
     # Patient KD skips the last pair: only teacher layer 2's [CLS].
-    assert teacher_cache.hidden_layers_read(_stage_spec("pkd_skip", "distill"), 4) == (2,)
-    assert teacher_cache.hidden_layers_read(distill.LossSpec(cosine=1.0), 4) == (4,)
-    assert teacher_cache.hidden_layers_read(distill.LossSpec(soft=1.0), 4) == ()
+    assert _stage_spec("pkd_skip", "distill").needs.teacher_hidden == (2,)
+    assert distill.loss_spec(cosine=1.0, teacher_layers=4).needs.teacher_hidden == (4,)
+    assert distill.loss_spec(soft=1.0, teacher_layers=4).needs.teacher_hidden == ()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,9 +297,10 @@ STEP_SPECS = {
 @pytest.mark.parametrize("kind", list(STEP_SPECS))
 def test_steps_reading_the_cache_train_the_same_student(tmp_path, mesh, teachers, kind):
     dirs, models = teachers
-    spec = distill.LossSpec(**STEP_SPECS[kind], total_steps=4,
-                            layer_pairs=((1, 2), (2, 4)) if kind == "hidden" else ())
-    layers = teacher_cache.hidden_layers_read(spec, TEACHER.num_hidden_layers)
+    spec = distill.loss_spec(**STEP_SPECS[kind], total_steps=4, student_layers=2,
+                             teacher_layers=TEACHER.num_hidden_layers,
+                             layer_pairs=((1, 2), (2, 4)) if kind == "hidden" else ())
+    layers = spec.needs.teacher_hidden
     split = _split(4, n=40)
     cache = _build(dirs, models, split, mesh, tmp_path / "cache", layers=layers)
     cached_spec = dataclasses.replace(spec, cached_hidden_layers=cache.hidden_layers)

@@ -14,7 +14,9 @@ import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT, random_token_batch, write_toy_task
-from kdjax import config as config_lib, distill, hf, newsbert, sharding, train
+from kdjax import config as config_lib, distill, hf, sharding, train
+from kdjax import methods
+from kdjax.methods import newsbert
 from kdjax.models import bert
 from kdjax.models.bert import BertClassifier, BertConfig, count_params
 
@@ -288,7 +290,7 @@ def test_joint_step_traces_once_and_both_losses_go_down():
 
 def test_config_settings_and_validation():
     for setting, repeats in (("half_depth", 1), ("few_labels", 10)):
-        config = config_lib.validate(config_lib.load_config(f"{CONFIG_FILE}:{setting}"))
+        config = methods.validate(config_lib.load_config(f"{CONFIG_FILE}:{setting}"))
         assert config.method == "newsbert" and config.student.init_layers == "first"
         assert config.newsbert.beta == 0.5 and config.newsbert.labelled_repeats == repeats
     config = config_lib.load_config(CONFIG_FILE)
@@ -298,7 +300,7 @@ def test_config_settings_and_validation():
                           ("newsbert.labelled_repeats=0", "newsbert.labelled_repeats")):
         bad = config_lib.apply_overrides(config.copy_and_resolve_references(), [override])
         with pytest.raises(config_lib.ConfigError, match=f"'{key}'"):
-            config_lib.validate(bad)
+            methods.validate(bad)
     # Keys that joint training would ignore are gone, so overriding them fails loudly.
     with pytest.raises(config_lib.ConfigError, match="unknown config key 'distill"):
         config_lib.apply_overrides(config, ["distill.epochs=2"])
@@ -322,7 +324,7 @@ def test_width_and_depth_mismatches_are_refused():
 def _toy_config(tmp_path, tiny_hf_dir, *overrides, setting=""):
     train_file, dev_file = write_toy_task(tmp_path / "data")
     config = config_lib.load_config(CONFIG_FILE + setting)
-    return config_lib.validate(config_lib.apply_overrides(config, [
+    return methods.validate(config_lib.apply_overrides(config, [
         f"teacher.name={tiny_hf_dir}", "data.task=toy", f"data.train_file={train_file}",
         f"data.dev_file={dev_file}", "data.max_length=16", "data.batch_size=16",
         "data.eval_batch_size=16", "data.buckets=(16,)", "optim.lr=1e-2", "train.log_every=2",

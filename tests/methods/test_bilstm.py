@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT, write_toy_task
-from kdjax import bilstm, config as config_lib, data, distill, sharding, train
+from kdjax import config as config_lib, data, distill, sharding, train
+from kdjax import methods
+from kdjax.methods import bilstm
 from kdjax.models.bert import BertClassifier, BertConfig
 from kdjax.models.bilstm import BiLSTMClassifier, BiLSTMConfig, load_bilstm, save_bilstm
 
@@ -129,7 +131,7 @@ def test_step_traces_once_learns_and_leaves_the_teacher_untouched(tmp_path):
     logits, _ = bilstm.teacher_logits([tmp_path / "teacher"], [teacher], split, batch_size=16,
                                       buckets=(12,), mesh=mesh, cache_dir=tmp_path / "cache")
     assert logits.shape == (16, 1, 3)
-    spec = distill.LossSpec(ce=0.5, logit_mse=0.5, hard_labels_from_teacher=True)
+    spec = distill.loss_spec(ce=0.5, logit_mse=0.5, hard_labels_from_teacher=True)
     config = config_lib.load_config(str(REPO_ROOT / "configs" / "bilstm.py"))
     state = sharding.replicate(train.TrainState.create(
         BiLSTMClassifier(SMALL, rngs=nnx.Rngs(1)), bilstm.make_optimizer(config.optim)), mesh)
@@ -151,7 +153,7 @@ def test_step_traces_once_learns_and_leaves_the_teacher_untouched(tmp_path):
 
 
 def test_logit_mse_step_loss_matches_numpy():
-    spec = distill.LossSpec(ce=0.3, logit_mse=0.7, hard_labels_from_teacher=True)
+    spec = distill.loss_spec(ce=0.3, logit_mse=0.7, hard_labels_from_teacher=True)
     model = BiLSTMClassifier(SMALL, rngs=nnx.Rngs(1))
     batch = _batch(4)
     teacher = np.random.default_rng(0).normal(size=(16, 1, 3)).astype(np.float32)
@@ -222,7 +224,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_bad_values_are_refused_naming_the_key(override, message):
     config = config_lib.load_config(str(REPO_ROOT / "configs" / "bilstm.py"))
     with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
-        config_lib.validate(config_lib.apply_overrides(config, [override]))
+        methods.validate(config_lib.apply_overrides(config, [override]))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -236,7 +238,7 @@ def test_cross_field_refusals_come_before_any_work(tmp_path, override, message):
     config = config_lib.load_config(str(REPO_ROOT / "configs" / "bilstm.py"))
     config = config_lib.apply_overrides(config, overrides)
     with pytest.raises(config_lib.ConfigError, match=message):
-        bilstm.check_config(config)
+        bilstm.check_config(config, methods.loss_methods())
 
 
 # ------------------------------------------------------------------------------------------------

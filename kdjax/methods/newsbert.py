@@ -8,7 +8,7 @@ student starts from the teacher's first layers. One step (`newsbert_step`):
 1. teacher forward (with dropout: the teacher is training) -> teacher loss `CE(y_t, y)`;
 2. student forward -> student loss `MSE(E_t, E_s) + sum_i MSE(H_t[iK], H_s[i]) +
    MSE(pool_t, pool_s) + CE(softmax(y_t / t), y_s / t) + CE(y_s, y)`, every teacher value under
-   stop_gradient (`kdjax.distill.combined_loss` with a pooled-output term);
+   stop_gradient (the engine's `combined_loss` with a pooled-output term);
 3. one gradient of the weighted sum over the joint parameters: teacher parameters get the
    teacher loss's gradient only (the stop_gradient), student parameters the student loss's,
    and the shared pooler/classifier the sum of both;
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from typing import Callable, Sequence
@@ -44,10 +43,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import config as config_lib, data, distill, distributed, hf, losses, optim, sharding
-from kdjax import train
+from kdjax import data, hf, losses, optim, sharding, train
 from kdjax import metrics as metrics_lib
-from kdjax.distill import DistillError
+from kdjax.engine import run as engine_run
+from kdjax.engine.loss import LossSpec, combined_loss
+from kdjax.engine.method import DistillError, RunMethod
+from kdjax.engine.students import build_student, student_config
+from kdjax.methods.kd import KD
+from kdjax.methods.tinybert import TinyBERT
 from kdjax.models.bert import BertClassifier, BertConfig, BertOutput
 
 # Loss terms of the student (weights in the config's `newsbert` section).
@@ -177,11 +180,11 @@ def pooled_mse(student_out: BertOutput, teacher_out: dict, batch: dict) -> jax.A
 class NewsBertSpec:
     """Static description of the joint step (hashable: the jitted step specialises on it).
 
-    `student_loss` is a `distill.LossSpec` holding the embedding, hidden (pairs m <-> mK), soft
+    `student_loss` is a `LossSpec` holding the embedding, hidden (pairs m <-> mK), soft
     cross-entropy and CE terms, with the pooled-output term as an extra term.
     """
 
-    student_loss: distill.LossSpec
+    student_loss: LossSpec
     teacher_ce: float = 1.0
     beta: float = 0.5
     block: int = 1
@@ -194,9 +197,12 @@ class NewsBertSpec:
             raise DistillError(f"newsbert needs student.layers to divide the teacher's "
                                f"{teacher_layers} layers (got {student_layers})")
         block = teacher_layers // student_layers
-        student_loss = distill.LossSpec(
-            ce=section.ce, soft_ce=section.soft_ce, embedding=section.embedding,
-            hidden=section.hidden, temperature=section.temperature, total_steps=total_steps,
+        methods = (KD(ce=section.ce, soft_ce=section.soft_ce),
+                   TinyBERT(embedding=section.embedding, hidden=section.hidden))
+        student_loss = LossSpec(
+            methods=tuple(m for m in methods if m.active), temperature=section.temperature,
+            total_steps=total_steps, student_layers=student_layers,
+            teacher_layers=teacher_layers,
             layer_pairs=tuple((m, m * block) for m in range(1, student_layers + 1)),
             extra_terms=(("pooled", float(section.pooled), pooled_mse),) if section.pooled
             else ())
@@ -247,8 +253,8 @@ def joint_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: dict,
                                          "pooled": teacher_out.pooled})
         student_out = pair.student(*_inputs(batch), dropout_key=student_key,
                                    output_hidden_states=True)
-        student_loss, metrics = distill.combined_loss(spec.student_loss, student_out, targets,
-                                                      batch, step)
+        student_loss, metrics = combined_loss(spec.student_loss, student_out, targets, batch,
+                                             step)
         metrics.update(teacher_ce_sum=jnp.sum(teacher_ce * labelled),
                        teacher_ce_count=jnp.sum(labelled),
                        student_loss_sum=student_loss * jnp.sum(rows),
@@ -325,7 +331,7 @@ def _training_split(config, inputs: train.TaskInputs) -> data.EncodedSplit:
 
 
 def distill_newsbert(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                     progress: bool = True, measure_throughput: bool = True) -> dict:
+                     methods=(), progress: bool = True, measure_throughput: bool = True) -> dict:
     """Pretrained teacher + student from its first layers -> joint training -> evaluation ->
     both saved.
 
@@ -339,7 +345,7 @@ def distill_newsbert(config: ml_collections.ConfigDict, workdir: str | pathlib.P
       measure_throughput: also time student and teacher inference on the dev split.
 
     Returns:
-      The keys of `kdjax.distill.distill`'s result; `teacher_accuracy` is the jointly trained
+      The keys of every distillation run's eval.json (`kdjax.engine.run.evaluate_student`); `teacher_accuracy` is the jointly trained
       teacher's dev accuracy.
 
     Raises:
@@ -353,7 +359,7 @@ def distill_newsbert(config: ml_collections.ConfigDict, workdir: str | pathlib.P
     # Refuse an impossible architecture before tokenising anything.
     teacher_arch, _ = hf.read_config(hf.resolve_checkpoint(config.teacher.name))
     cfg = config.student
-    student_arch = distill.student_config(teacher_arch, layers=cfg.layers, hidden=cfg.hidden,
+    student_arch = student_config(teacher_arch, layers=cfg.layers, hidden=cfg.hidden,
                                           heads=cfg.heads, intermediate=cfg.intermediate)
     check_architecture(student_arch, teacher_arch)
 
@@ -364,12 +370,10 @@ def distill_newsbert(config: ml_collections.ConfigDict, workdir: str | pathlib.P
     teacher, report, _ = hf.load_pretrained(str(inputs.checkpoint_dir), num_labels=num_labels,
                                             dtype=config.teacher.dtype, seed=config.train.seed)
     print(report.summary(), flush=True)
-    student = distill.build_student(config, teacher, num_labels, mlm_head=False)
+    student = build_student(config, teacher, num_labels, mlm_head=False)
     pair = NewsBertPair(teacher, student)
     del teacher, student
-    distributed.write_text(workdir / "config.json",
-                           json.dumps(config_lib.to_dict(config), indent=2) + "\n")
-    distributed.write_text(workdir / "labels.json", json.dumps(inputs.task.label_names) + "\n")
+    engine_run.write_run_files(config, workdir, inputs.task.label_names)
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
 
     split = _training_split(config, inputs)
@@ -401,8 +405,48 @@ def distill_newsbert(config: ml_collections.ConfigDict, workdir: str | pathlib.P
     pair = run.state.model()
     hf.save_pretrained(pair.teacher, workdir / "teacher_model",
                        label_names=inputs.task.label_names, tokenizer=inputs.tokenizer,
-                       extra={"kdjax_config": config_lib.to_dict(config),
+                       extra={"kdjax_config": config.to_dict(),
                               "role": "newsbert teacher, trained jointly with model/"})
     stages = {"joint": {"steps": run.steps, "train_seconds": run.train_seconds}}
-    return distill._finish(config, workdir, pair.student, [pair.teacher], inputs, mesh, log,
-                           run.train_seconds, stages, measure_throughput)
+    return engine_run.finish(config, workdir, pair.student, [pair.teacher], inputs, mesh, log,
+                             run.train_seconds, stages, measure_throughput)
+
+
+def section(*, labelled_repeats: int = 1) -> ml_collections.ConfigDict:
+    """The `newsbert` config section (configs/newsbert.py)."""
+    newsbert = ml_collections.ConfigDict()
+    # Momentum distillation weight of the teacher's block gradient. Not published: 0.5 is our
+    # choice (METHODS.md); 0 turns momentum distillation off.
+    newsbert.beta = 0.5
+    # Soft cross-entropy temperature. 1 (TinyBERT's prediction loss, whose form NewsBERT's
+    # CE(y_t/t, y_s/t) follows): the loss has no t^2 factor, so a larger t would also shrink the
+    # term's gradient by ~1/t^2, and the teacher starts from a pretrained checkpoint with a new
+    # classifier, whose early logits are already nearly uniform; softening them further carries
+    # no extra signal.
+    newsbert.temperature = 1.0
+    # Term weights (0 = off). teacher_ce: the teacher's loss; the rest: the student's.
+    newsbert.teacher_ce = 1.0
+    newsbert.embedding = 1.0
+    newsbert.hidden = 1.0
+    newsbert.pooled = 1.0
+    newsbert.soft_ce = 1.0
+    newsbert.ce = 1.0
+    # Passes over the training split (train.max_steps, when set, overrides it).
+    newsbert.epochs = 1.0
+    # With a transfer set (few_labels: 1,000 labelled + the rest unlabelled) the labelled rows
+    # are repeated this many times per epoch, so the teacher, which only learns from labels,
+    # sees them as often as the other recipes' teachers do (10 epochs on the 1,000).
+    newsbert.labelled_repeats = labelled_repeats
+    return newsbert
+
+
+# NewsBERT's joint-training section (configs/newsbert.py).
+CONFIG_RULES = (
+    ("newsbert.beta", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = no momentum distillation)"),
+    ("newsbert.temperature", lambda v: v > 0, "must be > 0"),
+    ("newsbert.epochs", lambda v: v > 0, "must be > 0"),
+    ("newsbert.labelled_repeats", lambda v: v >= 1, "must be >= 1"),
+) + tuple((f"newsbert.{term}", lambda v: v >= 0, "must be >= 0 (0 = off)")
+          for term in ("teacher_ce", "embedding", "hidden", "pooled", "soft_ce", "ce"))
+
+RUN = RunMethod(name="newsbert", run=distill_newsbert)

@@ -1,13 +1,13 @@
 """Distilled BiLSTM (Tang et al. 2019): the run behind `kdjax distill` for `config.method =
 "bilstm"`.
 
-fine-tuned teacher (`distill.prepare_teachers`) -> augmented transfer set (`kdjax.augment`:
+fine-tuned teacher (`kdjax.engine.teachers.prepare_teachers`) -> augmented transfer set (`kdjax.augment`:
 Tang's rules or TinyBERT's replacement; cached in the workdir) -> the teacher labels the whole
 transfer set once (batched, jitted, cached on disk; never inside the training step) -> the
 BiLSTM student trains on `alpha CE + (1 - alpha) logit MSE` with Adadelta through
 `train.train_loop` -> dev evaluation, throughputs, `model/` and eval.json.
 
-The loss is `distill.combined_loss` with the stage's LossSpec (ce, logit_mse,
+The loss is the engine's `combined_loss` with the stage's LossSpec (ce, logit_mse,
 hard_labels_from_teacher): augmented examples carry label -1 and take the teacher's argmax as
 their hard label. A loss without teacher terms (configs/bilstm_baseline.py) skips augmentation
 and labelling and trains on the labelled examples alone.
@@ -29,9 +29,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import augment as augment_lib, distributed
-from kdjax import config as config_lib, data, distill, hf, sharding, teacher_cache, train
+from kdjax import config as config_lib, data, hf, sharding, teacher_cache, train
 from kdjax import metrics as metrics_lib
-from kdjax.models.bert import BertClassifier, count_params
+from kdjax.engine import run as engine_run
+from kdjax.engine.loss import LossSpec, combined_loss
+from kdjax.engine.method import RunMethod
+from kdjax.engine.step import student_step_metrics
+from kdjax.models.bert import BertClassifier
 # load_bilstm is re-exported: `from kdjax.bilstm import load_bilstm` loads a run's model/.
 from kdjax.models.bilstm import (BiLSTMClassifier, BiLSTMConfig, load_bilstm,  # noqa: F401
                                  non_embedding_params, save_bilstm)
@@ -87,7 +91,7 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, *,
 
 
 def bilstm_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Array, *,
-                spec: distill.LossSpec, grad_accum_steps: int = 1,
+                spec: LossSpec, grad_accum_steps: int = 1,
                 layout: sharding.Layout | None = None,
                 ) -> tuple[train.TrainState, dict]:
     """One student update on a (global) batch.
@@ -117,11 +121,11 @@ def bilstm_step(state: train.TrainState, batch: dict, dropout_base_key: jax.Arra
             model = nnx.merge(state.graphdef, params)
             out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                         dropout_key=dropout_key)
-            loss, metrics = distill.combined_loss(spec, out, teacher_out, batch, state.step)
+            loss, metrics = combined_loss(spec, out, teacher_out, batch, state.step)
             return loss, (metrics, out.logits)
 
         (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, distill.student_step_metrics(metrics, loss, logits, batch, grads)
+        return grads, student_step_metrics(metrics, loss, logits, batch, grads)
 
     grads, metrics = train.accumulate_gradients(micro_step, state.params, batch,
                                                 grad_accum_steps, dropout_key, layout)
@@ -218,8 +222,9 @@ def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Examp
 # The run
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Cross-field checks `config.validate` cannot express, before any work starts.
+def check_config(config: ml_collections.ConfigDict, methods=()) -> None:
+    """Cross-field checks `config.validate` cannot express, before any work starts: with the
+    loss `methods`, also the terms a BiLSTM cannot learn from (`check_terms`).
 
     Raises:
       config_lib.ConfigError: naming the key.
@@ -239,50 +244,53 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise config_lib.ConfigError(f"config key 'stages' must name one stage for "
                                      f"method=bilstm, got {tuple(config.stages)}")
     stage = config[config.stages[0]]
-    for term in ("embedding", "hidden", "attention", "attention_kl", "cosine", "pkd", "mlm",
-                 "adversarial"):
-        if stage.loss.get(term, 0.0):
-            raise config_lib.ConfigError(
-                f"config key '{config.stages[0]}.loss.{term}' needs BERT hidden states, "
-                "attention or an MLM head, which the BiLSTM student does not have; use ce, "
-                "logit_mse, soft or soft_ce")
+    check_terms(LossSpec.from_config(stage.loss, methods=methods, student_layers=1,
+                                     teacher_layers=1), config.stages[0])
     if stage.teacher != "finetuned":
         raise config_lib.ConfigError(f"config key '{config.stages[0]}.teacher' must be "
                                      "'finetuned' for method=bilstm")
 
 
+def check_terms(spec: LossSpec, stage_name: str) -> None:
+    """Refuses terms that read what a BiLSTM does not have (hidden states, attention, Q/K/V,
+    an MLM head): only terms on logits can teach it.
+
+    Raises:
+      config_lib.ConfigError: naming the term's config key.
+    """
+    for method in spec.methods:
+        needs = method.needs(spec)
+        if (needs.student_hidden or needs.student_attention or needs.student_qkv
+                or needs.student_mlm_head or method.changes_update):
+            terms = [t for t in method.TERMS if getattr(method, t)]
+            raise config_lib.ConfigError(
+                f"config key '{stage_name}.loss.{terms[0]}' needs BERT hidden states, "
+                "attention or an MLM head, which the BiLSTM student does not have; use ce, "
+                "logit_mse, soft or soft_ce")
+
+
 def distill_bilstm(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                   progress: bool = True, measure_throughput: bool = True) -> dict:
+                   methods=(), progress: bool = True, measure_throughput: bool = True) -> dict:
     """Fine-tuned teacher -> augmented transfer set -> teacher labels -> BiLSTM -> evaluation.
 
-    Resumable like `distill.distill`: the teacher run, the augmented set, the teacher's labels
+    Resumable like the staged BERT run: the teacher run, the augmented set, the teacher's labels
     and the stage's checkpoints are reused. Writes to `workdir`: teacher-seedN/, cache/
     (augmented-HASH.npz, teacher-outputs-KEY/), stages/NAME/checkpoints (Orbax),
     metrics.jsonl, config.json, labels.json, model/ (`load_bilstm`) and eval.json.
 
     Returns:
-      `distill._finish`'s keys (student_layers=1, student_hidden=LSTM width) plus
+      `kdjax.engine.run.evaluate_student`'s keys (student_layers=1, student_hidden=LSTM width) plus
       augmented_examples, augmented_examples_per_s, transfer_examples and
       teacher_labelling_seconds.
     """
     workdir, mesh = train.start_run(config, workdir)
-    check_config(config)
-    task = data.load_task(config.data.task, train_file=config.data.train_file,
-                          dev_file=config.data.dev_file,
-                          text_columns=tuple(config.data.text_columns),
-                          label_column=config.data.label_column, splits=("dev",))
-    teacher_dirs = distill.prepare_teachers(config, workdir, task.label_names, progress=progress)
-    task_config = ml_collections.ConfigDict({"model": {"name": str(teacher_dirs[0])},
-                                             "data": config.data.to_dict()})
-    inputs = train.prepare_task(task_config)
-    teachers = [hf.load_pretrained(str(d), dtype=config.teacher.dtype)[0] for d in teacher_dirs]
+    check_config(config, methods)
     name = config.stages[0]
     stage = config[name]
-    spec = distill.LossSpec.from_config(stage.loss, student_layers=1, teacher_layers=1,
-                                        total_steps=1, tokenizer=inputs.tokenizer)
-    distributed.write_text(workdir / "config.json",
-                           json.dumps(config_lib.to_dict(config), indent=2) + "\n")
-    distributed.write_text(workdir / "labels.json", json.dumps(inputs.task.label_names) + "\n")
+    spec = LossSpec.from_config(stage.loss, methods=methods, student_layers=1, teacher_layers=1)
+    teacher_dirs, inputs = engine_run.start_task(config, workdir, progress=progress)
+    teachers = [hf.load_pretrained(str(d), dtype=config.teacher.dtype)[0] for d in teacher_dirs]
+    engine_run.write_run_files(config, workdir, inputs.task.label_names)
     cache_dir = workdir / "cache"
 
     # The transfer set: the labelled examples (plus the unlabelled rest of a few-labels run),
@@ -331,7 +339,7 @@ def distill_bilstm(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
                                     grad_accum_steps=config.train.get("grad_accum_steps", 1))
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
     print(f"stage {name}: {total_steps} steps over {len(split):,} examples "
-          f"({len(inputs.train):,} labelled), terms {distill._term_names(spec)}", flush=True)
+          f"({len(inputs.train):,} labelled), terms {spec.term_names}", flush=True)
     run = train.train_loop(
         state, step_fn, batcher, total_steps=total_steps, train_config=config.train,
         checkpoint_dir=workdir / "stages" / name / "checkpoints", log=log, mesh=mesh,
@@ -347,26 +355,84 @@ def distill_bilstm(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 def _finish(config, workdir: pathlib.Path, student: BiLSTMClassifier, teachers, inputs, mesh,
             log, train_seconds: float, stages: dict, measure_throughput: bool,
             extra: dict) -> dict:
-    """Dev evaluation, teacher agreement and throughputs (the keys of `distill._finish`); saves
-    the student to model/ and eval.json."""
-    eval_bs, buckets = config.data.eval_batch_size, inputs.buckets
-    result = distill.compare_on_dev(student, teachers, inputs, mesh, eval_bs)
-    result.update(
+    """Dev evaluation, teacher agreement and throughputs (the keys of every distillation run);
+    saves the student to model/ and eval.json."""
+    result = engine_run.evaluate_student(
+        config, student, teachers, inputs, mesh, measure_throughput=measure_throughput,
         student_layers=1, student_hidden=student.config.hidden_size,
-        student_params=count_params(nnx.state(student, nnx.Param)),
         student_non_embedding_params=non_embedding_params(student),
-        teacher_non_embedding_params=distill.non_embedding_params(teachers[0]),
-        train_seconds=train_seconds, stages=stages, finished=True,
-        **extra)
+        train_seconds=train_seconds, stages=stages)
+    result.update(extra)
     if measure_throughput:
-        result.update(
-            student_examples_per_s=distill.inference_speed(student, inputs.dev, eval_bs,
-                                                           buckets, mesh),
-            teacher_examples_per_s=distill.inference_speed(teachers[0], inputs.dev, eval_bs,
-                                                           buckets, mesh))
         result["speedup"] = result["student_examples_per_s"] / result["teacher_examples_per_s"]
-    log.write(sum(s["steps"] for s in stages.values()), "dev", result)
     save_bilstm(student, workdir / "model", tokenizer=inputs.tokenizer,
                 extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
-    distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
+    engine_run.write_result(workdir, log, result)
     return result
+
+# ------------------------------------------------------------------------------------------------
+# Config sections (kdjax.recipes.bilstm_config)
+
+
+def student_section() -> ml_collections.ConfigDict:
+    """The BiLSTM student's `student` section."""
+    section = ml_collections.ConfigDict()
+    section.layers = 1  # One BiLSTM layer (reported as student_layers).
+    section.hidden = 150  # LSTM width per direction (Tang et al., SST-2).
+    section.mlp = 200  # ReLU hidden layer of the classifier.
+    section.dropout = 0.1
+    # Embedding table: teacher = a copy of the fine-tuned teacher's 384-d word-piece embeddings
+    # (Tang's 300-d word2vec is not available offline); random = learned from scratch.
+    section.init = "teacher"
+    section.train_embedding = True
+    return section
+
+
+def optim_section() -> ml_collections.ConfigDict:
+    """Tang et al.'s Adadelta `optim` section."""
+    section = ml_collections.ConfigDict()
+    section.name = "adadelta"
+    section.lr = 1.0
+    section.rho = 0.95
+    section.eps = 1e-6
+    section.grad_clip = 0.0  # 0 = off (Tang et al. do not clip).
+    return section
+
+
+def augment_section(augment: str = "tang") -> ml_collections.ConfigDict:
+    """The transfer set's generator (`kdjax.augment`): tang, tinybert or none."""
+    section = ml_collections.ConfigDict()
+    section.method = augment  # tang | tinybert | none
+    # Copies per example before duplicates are dropped: Tang's n_iter, TinyBERT's N_a (20 both).
+    section.n_iter = 20
+    # Cap on new examples (0 = none). SST-2 x 20 would be ~1.3 M examples for the teacher to
+    # label and the student to train on; 200k keeps a 2-core CPU run in hours, not days.
+    section.max_examples = 200_000
+    section.seed = 0
+    section.p_mask = 0.1  # Tang: [MASK] a word.
+    section.p_pos = 0.1  # Tang: replace a word by one of the same POS tag.
+    section.p_ng = 0.25  # Tang: keep only a random n-gram of the copy.
+    section.max_ngram = 5
+    section.p_t = 0.4  # TinyBERT: replace a candidate word.
+    section.k = 15  # TinyBERT: candidates per word.
+    section.pair_sides = "random"  # Pairs: first | second | both | random.
+    return section
+
+
+# The distilled BiLSTM's student, optimizer and augmentation (configs/bilstm*.py).
+CONFIG_RULES = (
+    ("student.mlp", lambda v: v >= 1, "must be >= 1"),
+    ("student.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.rho", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("augment.method", lambda v: v in ("tang", "tinybert", "none"),
+     "must be 'tang', 'tinybert' or 'none'"),
+    ("augment.n_iter", lambda v: v >= 0, "must be >= 0"),
+    ("augment.max_examples", lambda v: v >= 0, "must be >= 0 (0 = no cap)"),
+    ("augment.max_ngram", lambda v: v >= 1, "must be >= 1"),
+    ("augment.k", lambda v: v >= 1, "must be >= 1"),
+    ("augment.pair_sides", lambda v: v in ("random", "first", "second", "both"),
+     "must be 'random', 'first', 'second' or 'both'"),
+) + tuple((f"augment.{p}", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+          for p in ("p_mask", "p_pos", "p_ng", "p_t"))
+
+RUN = RunMethod(name="bilstm", run=distill_bilstm)

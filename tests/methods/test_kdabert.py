@@ -3,7 +3,6 @@ norm, the features and the lambda_adv schedule; the alternating jitted steps (on
 disjoint gradients, frozen teacher, each side learns); resume; the health warnings; config
 refusals; and an end-to-end `distill.distill` run with configs/kdabert.py."""
 
-import dataclasses
 import json
 
 import chex
@@ -15,14 +14,16 @@ import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT, write_toy_task
-from kdjax import adversarial, config as config_lib, data, distill, hf, losses, metrics, optim
+from kdjax import config as config_lib, data, distill, hf, losses, metrics, optim
+from kdjax import methods
+from kdjax.methods import kdabert as adversarial
 from kdjax import recipes, sharding, train
 from kdjax.models.bert import BertClassifier, BertConfig
 
 TEACHER = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=32, max_position_embeddings=32, initializer_range=0.5)
 PAIRS = ((1, 2), (2, 4))  # A 2-layer student under the uniform map of a 4-layer teacher.
-SPEC = distill.LossSpec(ce=0.5, soft=0.5, temperature=2.0, adversarial=1.0,
+SPEC = distill.loss_spec(ce=0.5, soft=0.5, temperature=2.0, adversarial=1.0,
                         adversarial_warmup=0.0, adversarial_ramp=0.0, layer_pairs=PAIRS,
                         total_steps=40)
 GAME = adversarial.GameSpec(loss="bce", label_smoothing=0.1, discriminator_steps=1)
@@ -209,12 +210,13 @@ def test_pooled_features_are_masked_mean_and_cls():
 
 
 def test_adversarial_weight_is_zero_in_the_warmup_then_ramps_or_jumps():
-    ramp = dataclasses.replace(SPEC, adversarial=0.1, adversarial_warmup=0.1,
-                               adversarial_ramp=0.2, total_steps=100)
+    ramp = distill.loss_spec(ce=0.5, adversarial=0.1, adversarial_warmup=0.1,
+                             adversarial_ramp=0.2, total_steps=100)
     weights = [float(adversarial.adversarial_weight(ramp, jnp.asarray(s)))
                for s in (0, 10, 20, 30, 90)]
     np.testing.assert_allclose(weights, [0.0, 0.0, 0.05, 0.1, 0.1], atol=1e-7)
-    jump = dataclasses.replace(ramp, adversarial_ramp=0.0)
+    jump = distill.loss_spec(ce=0.5, adversarial=0.1, adversarial_warmup=0.1,
+                             adversarial_ramp=0.0, total_steps=100)
     weights = [float(adversarial.adversarial_weight(jump, jnp.asarray(s))) for s in (9, 10)]
     np.testing.assert_allclose(weights, [0.0, 0.1], atol=1e-7)
 
@@ -389,9 +391,10 @@ def test_configs_run_in_every_setting_and_refuse_bad_values(recipe):
     assert config.distill.loss.hidden == (1.0 if recipe == "kdabert_mse" else 0.0)
     for setting in recipes.SETTINGS:
         for kind in adversarial.LOSS_KINDS:
-            config = config_lib.validate(config_lib.load_config(f"{path}:{setting},{kind}"))
-            spec = distill.LossSpec.from_config(config.distill.loss, student_layers=3,
-                                                teacher_layers=6, total_steps=10)
+            config = methods.validate(config_lib.load_config(f"{path}:{setting},{kind}"))
+            spec = distill.LossSpec.from_config(
+                config.distill.loss, methods=methods.loss_methods(), student_layers=3,
+                teacher_layers=6, total_steps=10)
             assert spec.layer_pairs == ((1, 2), (2, 4), (3, 6)) and spec.uses_teacher
             game = adversarial.GameSpec.from_config(config.discriminator)
             assert game.discriminator_steps == (5 if kind == "wgan_gp" else 1)
@@ -402,7 +405,7 @@ def test_configs_run_in_every_setting_and_refuse_bad_values(recipe):
                           ("discriminator.label_smoothing=0.9", "discriminator.label_smoothing")]:
         config = config_lib.apply_overrides(config_lib.load_config(path), [override])
         with pytest.raises(config_lib.ConfigError, match=f"'{key}'"):
-            config_lib.validate(config)
+            methods.validate(config)
     with pytest.raises(config_lib.ConfigError, match="unknown discriminator loss 'gan'"):
         config_lib.load_config(f"{path}:tenth_size,gan")
 
@@ -419,7 +422,7 @@ def test_kdabert_distills_end_to_end_through_the_engine(tmp_path, tiny_hf_dir):
     hf.save_pretrained(teacher, tmp_path / "teacher", label_names=labels,
                        tokenizer=transformers.AutoTokenizer.from_pretrained(str(tiny_hf_dir)))
     config = config_lib.load_config(str(REPO_ROOT / "configs" / "kdabert.py"))
-    config = config_lib.validate(config_lib.apply_overrides(config, [
+    config = methods.validate(config_lib.apply_overrides(config, [
         f"teacher.name={tmp_path / 'teacher'}", "data.task=toy",
         f"data.train_file={train_file}", f"data.dev_file={dev_file}",
         "data.max_length=16", "data.batch_size=16", "data.eval_batch_size=16",

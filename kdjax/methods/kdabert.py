@@ -17,9 +17,10 @@ matches the teacher's *distribution* of representations.
   a pure jitted function differentiating only its own parameters with its own optax optimizer.
   The teacher runs once per loop step (`game_inputs`), outside every gradient.
 
-Everything runs through the engine: `kdjax.distill.distill` calls `setup_stage` for a stage
-whose loss has an `adversarial` weight, and hands the returned `AdversarialState` (checkpointed
-and resumed by `train.train_loop` like any state) and `AlternatingStep` to `train.train_loop`.
+Everything runs through the engine: `KDABert` is a method that changes the update
+(`changes_update`), so for a stage with an `adversarial` weight the engine's `build_stage` calls
+its `make_update`, and trains the returned `AdversarialState` (checkpointed and resumed like any
+state) with the returned `AlternatingStep` in the one training loop.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import distill, losses, recipes, sharding, train
+from kdjax import losses, sharding, train
+from kdjax.engine.loss import LossSpec, combined_loss
+from kdjax.engine.method import DistillError, Method, Needs
+from kdjax.engine.step import step_batch_and_dropout, student_forward, student_step_metrics
+from kdjax.engine.students import DistillStudent
+from kdjax.engine.teachers import Teachers, teacher_forward
+from kdjax.methods.tinybert import check_projection
 
 LOSS_KINDS = ("bce", "hinge", "wgan_gp")
 # Salt for the discriminator's random stream (gradient-penalty interpolation), so it never
@@ -73,37 +80,6 @@ def discriminator_config(loss: str = "bce") -> ml_collections.ConfigDict:
     return section
 
 
-def kdabert_config(arg: str | None = None, *, hidden_mse: float = 0.0,
-                   ) -> ml_collections.ConfigDict:
-    """configs/kdabert.py (`hidden_mse` = 0) and configs/kdabert_mse.py (`hidden_mse` = 1).
-
-    Student loss `0.5 T^2 KL (T = 2) + 0.5 CE + gamma * sum_l MSE(h_s W_h, h_t) + lambda_adv *
-    sum_l L_G`: KD and CE as configs/kd.py, gamma = `hidden_mse`, lambda_adv = 0.1 (0 for the
-    first 10 % of the stage, ramped in over the next 10 %), TinyBERT's uniform layer map.
-
-    Args:
-      arg: `SETTING[,LOSS]`: a `recipes.SETTINGS` name (default tenth_size) and the
-        discriminator loss (bce, the default; hinge; wgan_gp), which picks the discriminator
-        section's defaults (`discriminator_config`).
-      hidden_mse: gamma, the weight of the hidden-state MSE.
-    """
-    setting, _, loss = (arg or "").partition(",")
-    config = recipes.distill_config(setting or "tenth_size")
-    config.recipe = "kdabert_mse" if hidden_mse else "kdabert"
-    alpha = 0.5
-    loss_section = config.distill.loss
-    loss_section.soft = alpha
-    loss_section.ce = 1 - alpha
-    loss_section.temperature = 2.0
-    loss_section.layer_map = "uniform"
-    loss_section.hidden = float(hidden_mse)
-    loss_section.adversarial = 0.1
-    loss_section.adversarial_warmup = 0.1
-    loss_section.adversarial_ramp = 0.1
-    config.discriminator = discriminator_config(loss or "bce")
-    return config
-
-
 @dataclasses.dataclass(frozen=True)
 class GameSpec:
     """Static description of the adversarial game (hashable: the jitted steps specialise on it).
@@ -116,10 +92,10 @@ class GameSpec:
 
     def __post_init__(self):
         if self.loss not in LOSS_KINDS:
-            raise distill.DistillError(f"discriminator.loss must be one of {LOSS_KINDS}, got "
+            raise DistillError(f"discriminator.loss must be one of {LOSS_KINDS}, got "
                                        f"{self.loss!r}")
         if self.discriminator_steps < 1:
-            raise distill.DistillError("discriminator steps per student step must be >= 1, got "
+            raise DistillError("discriminator steps per student step must be >= 1, got "
                                        f"{self.discriminator_steps}")
 
     @classmethod
@@ -250,7 +226,7 @@ class AdversarialState:
         """The loop's step: student updates."""
         return self.student.step
 
-    def model(self) -> distill.DistillStudent:
+    def model(self) -> DistillStudent:
         """The student (what the stage trains; the discriminators are discarded at the end)."""
         return self.student.model()
 
@@ -296,15 +272,17 @@ def layer_features(hidden_states, indices: tuple[int, ...], attention_mask: jax.
     return jnp.stack(features)
 
 
-def adversarial_weight(spec: distill.LossSpec, step: jax.Array) -> jax.Array:
+def adversarial_weight(spec: LossSpec, step: jax.Array) -> jax.Array:
     """lambda_adv at `step`: 0 during the first `adversarial_warmup` of the stage, then a linear
-    ramp to `spec.adversarial` over the next `adversarial_ramp` (a step at once when 0)."""
+    ramp to `adversarial` over the next `adversarial_ramp` (a step at once when 0)."""
+    method = spec.method(KDABert)
     progress = jnp.asarray(step, jnp.float32) / max(spec.total_steps, 1)
-    if spec.adversarial_ramp > 0:
-        factor = jnp.clip((progress - spec.adversarial_warmup) / spec.adversarial_ramp, 0.0, 1.0)
+    if method.adversarial_ramp > 0:
+        factor = jnp.clip((progress - method.adversarial_warmup) / method.adversarial_ramp,
+                          0.0, 1.0)
     else:
-        factor = (progress >= spec.adversarial_warmup).astype(jnp.float32)
-    return spec.adversarial * factor
+        factor = (progress >= method.adversarial_warmup).astype(jnp.float32)
+    return method.adversarial * factor
 
 
 def generator_loss(game: GameSpec, fake_logits: jax.Array) -> jax.Array:
@@ -350,35 +328,22 @@ def discriminator_objective(discriminators: Discriminators, real: jax.Array, fak
 # The steps
 
 
-def _step_batch_and_dropout(spec: distill.LossSpec, batch: dict, dropout_base_key: jax.Array,
-                            step: jax.Array) -> tuple[dict, jax.Array]:
-    """The keys `distill.distill_step` derives for student step `step`, and the (masked, for an
-    mlm term) batch: `game_inputs` and `student_step` use the same ones, so the discriminators
-    train on exactly the student features the student step then produces."""
-    key = jax.random.fold_in(dropout_base_key, step)
-    dropout_key, mask_key = jax.random.split(key)
-    if spec.mlm:
-        batch = distill.mask_tokens(batch, mask_key, spec)
-    return batch, dropout_key
-
-
 def _model_inputs(batch: dict) -> tuple:
     return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def game_inputs(state: AdversarialState, teachers: distill.Teachers, batch: dict,
-                dropout_base_key: jax.Array, *, spec: distill.LossSpec) -> dict:
+def game_inputs(state: AdversarialState, teachers: Teachers, batch: dict,
+                dropout_base_key: jax.Array, *, spec: LossSpec) -> dict:
     """The loop step's shared forward passes, all outside any gradient: the teacher's outputs
     (for the student's loss) and both sides' discriminator features.
 
     Returns:
-      `teacher_out` (see `distill.teacher_forward`), `real` and `fake` features [P, B, 2d], and
+      `teacher_out` (see `kdjax.engine.teachers.teacher_forward`), `real` and `fake` features [P, B, 2d], and
       the row `weights` [B].
     """
-    batch, dropout_key = _step_batch_and_dropout(spec, batch, dropout_base_key,
+    batch, dropout_key = step_batch_and_dropout(spec, batch, dropout_base_key,
                                                  state.student.step)
-    teacher_out = distill.teacher_forward(teachers, batch, logits=spec.needs_logits, hidden=True,
-                                          attention=spec.needs_attention)
+    teacher_out = teacher_forward(teachers, batch, spec.needs)
     student = state.student.model()
     out = student.model(*_model_inputs(batch), dropout_key=dropout_key, output_hidden_states=True)
     student_layers, teacher_layers = zip(*spec.layer_pairs)
@@ -436,10 +401,10 @@ def discriminator_step(state: AdversarialState, inputs: dict, dropout_base_key: 
 
 
 def student_step(state: AdversarialState, inputs: dict, batch: dict,
-                 dropout_base_key: jax.Array, *, spec: distill.LossSpec, game: GameSpec,
+                 dropout_base_key: jax.Array, *, spec: LossSpec, game: GameSpec,
                  grad_accum_steps: int = 1, layout: sharding.Layout | None = None,
                  ) -> tuple[AdversarialState, dict]:
-    """One student update: `distill.combined_loss` plus lambda_adv * the adversarial loss against
+    """One student update: the stage's `combined_loss` plus lambda_adv * the adversarial loss against
     the current (fixed) discriminators; the discriminators are passed through.
 
     Args:
@@ -451,11 +416,11 @@ def student_step(state: AdversarialState, inputs: dict, batch: dict,
         outputs, computed once per loop step by `game_inputs`, are split with the batch.
 
     Returns:
-      (new state, metric sums as `distill.distill_step`'s plus `adversarial` (the unweighted
+      (new state, metric sums as `kdjax.engine.step.distill_step`'s plus `adversarial` (the unweighted
       student loss against D, summed over layers) and `adversarial_weight`).
     """
     s = state.student
-    batch, dropout_key = _step_batch_and_dropout(spec, batch, dropout_base_key, s.step)
+    batch, dropout_key = step_batch_and_dropout(spec, batch, dropout_base_key, s.step)
     # Constants here: the gradient below is with respect to the student's parameters only.
     discriminators = jax.lax.stop_gradient(state.discriminator).model()
     weight = adversarial_weight(spec, s.step)
@@ -474,10 +439,9 @@ def student_step(state: AdversarialState, inputs: dict, batch: dict,
 
         def loss_fn(params):
             student = nnx.merge(s.graphdef, params)
-            # spec.needs_hidden holds for an adversarial spec: the features are hidden states.
-            out, mlm_logits = distill.student_forward(student, batch, dropout_key, spec)
-            loss, metrics = distill.combined_loss(spec, out, teacher_out, batch, s.step,
-                                                  student.projection, mlm_logits)
+            # KDABert's needs ask for the student's hidden states: the features read them.
+            out = student_forward(student, batch, dropout_key, spec)
+            loss, metrics = combined_loss(spec, out, teacher_out, batch, s.step, student)
             fake = layer_features(out.hidden_states, student_layers, batch["attention_mask"],
                                   student.projection)
             per_example = jnp.sum(generator_loss(game, discriminators(fake)), 0)  # [B]
@@ -488,7 +452,7 @@ def student_step(state: AdversarialState, inputs: dict, batch: dict,
             return loss, (metrics, out.logits)
 
         (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, distill.student_step_metrics(metrics, loss, logits, batch, grads)
+        return grads, student_step_metrics(metrics, loss, logits, batch, grads)
 
     grads, metrics = train.accumulate_gradients(
         micro_step, s.params, {**batch, "teacher_out": teacher_out}, grad_accum_steps,
@@ -586,8 +550,8 @@ class AlternatingStep:
     D loss is reported through the student's `grad_norm`, so the loop's NaN check stops the run.
     """
 
-    def __init__(self, mesh: Mesh, spec: distill.LossSpec, game: GameSpec,
-                 teachers: distill.Teachers, *, monitor: DiscriminatorMonitor | None = None,
+    def __init__(self, mesh: Mesh, spec: LossSpec, game: GameSpec,
+                 teachers: Teachers, *, monitor: DiscriminatorMonitor | None = None,
                  inputs_fn: Callable = game_inputs,
                  discriminator_fn: Callable = discriminator_step,
                  student_fn: Callable = student_step, fsdp: bool = False,
@@ -631,11 +595,12 @@ class AlternatingStep:
         return state, metrics
 
 
-def setup_stage(config: ml_collections.ConfigDict, spec: distill.LossSpec,
-                student_state: train.TrainState, teachers: distill.Teachers, mesh: Mesh, *,
+def setup_stage(config: ml_collections.ConfigDict, spec: LossSpec,
+                student_state: train.TrainState, teachers: Teachers, mesh: Mesh, *,
                 log=None, description: str = "distill",
                 ) -> tuple[AdversarialState, AlternatingStep]:
-    """The hook `distill.distill` calls for a stage whose loss has an `adversarial` weight.
+    """The state and loop step of a stage whose loss has an `adversarial` weight
+    (`KDABert.make_update`).
 
     Builds one discriminator per layer pair of `spec` (width: the teacher's, which is what the
     student's projection maps to), their optimizer and state from `config.discriminator`
@@ -649,9 +614,9 @@ def setup_stage(config: ml_collections.ConfigDict, spec: distill.LossSpec,
     section = config.get("discriminator") or discriminator_config()
     game = GameSpec.from_config(section)
     if not spec.layer_pairs:
-        raise distill.DistillError("loss.adversarial needs layer pairs (loss.layer_map)")
+        raise DistillError("loss.adversarial needs layer pairs (loss.layer_map)")
     if teachers is None:
-        raise distill.DistillError("loss.adversarial needs the teacher's hidden states")
+        raise DistillError("loss.adversarial needs the teacher's hidden states")
     student = student_state.model()
     width = (student.projection.out_features if student.projection is not None
              else student.model.config.hidden_size)
@@ -664,7 +629,8 @@ def setup_stage(config: ml_collections.ConfigDict, spec: distill.LossSpec,
         fsdp=fsdp)
     print(f"discriminators: {len(spec.layer_pairs)} x ({2 * width} -> {section.hidden} -> 1), "
           f"loss {game.loss}, {game.discriminator_steps} D step(s) per student step, spectral "
-          f"norm {'on' if section.spectral_norm else 'off'}, lambda_adv {spec.adversarial}",
+          f"norm {'on' if section.spectral_norm else 'off'}, lambda_adv "
+          f"{spec.method(KDABert).adversarial}",
           flush=True)
     monitor = DiscriminatorMonitor(window=section.health_window,
                                    check_every=config.train.log_every, log=log,
@@ -672,3 +638,60 @@ def setup_stage(config: ml_collections.ConfigDict, spec: distill.LossSpec,
     state = AdversarialState(student=student_state, discriminator=d_state)
     return state, AlternatingStep(mesh, spec, game, teachers, monitor=monitor, fsdp=fsdp,
                                   grad_accum_steps=config.train.get("grad_accum_steps", 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# The method
+
+
+@dataclasses.dataclass(frozen=True)
+class KDABert(Method):
+    """The adversarial term's settings. The term itself is added by `student_step`, which (with
+    the discriminators' step) replaces the plain student update: `changes_update`."""
+
+    # lambda_adv on the student's adversarial loss against per-layer discriminators
+    # (config.discriminator); 0 for the first `adversarial_warmup` of the stage, then a linear
+    # ramp to full over the next `adversarial_ramp` (0 = at once).
+    adversarial: float = 0.0
+    adversarial_warmup: float = 0.1
+    adversarial_ramp: float = 0.1
+
+    TERMS = ("adversarial",)
+    RULES = (("adversarial_warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+             ("adversarial_ramp", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = no ramp)"))
+    changes_update = True
+
+    def uses_layer_map(self) -> bool:
+        return True
+
+    def needs(self, spec) -> Needs:
+        return Needs(teacher_hidden=tuple(sorted({t for _, t in spec.layer_pairs})),
+                     student_hidden=True,
+                     uncacheable="KDABert's discriminators read teacher features inside their "
+                                 "own step (kdjax/methods/kdabert.py)")
+
+    def check(self, spec, student, teacher, *, projection: bool) -> None:
+        check_projection("adversarial", spec, student, teacher, projection=projection)
+
+    def make_update(self, stage) -> tuple[AdversarialState, AlternatingStep]:
+        return setup_stage(stage.config, stage.spec, stage.state, stage.teachers, stage.mesh,
+                           log=stage.log, description=stage.name)
+
+
+# The discriminator section (configs/kdabert.py).
+CONFIG_RULES = (
+    ("discriminator.loss", lambda v: v in ("bce", "hinge", "wgan_gp"),
+     "must be 'bce', 'hinge' or 'wgan_gp'"),
+    ("discriminator.hidden", lambda v: v >= 1, "must be >= 1"),
+    ("discriminator.lr", lambda v: v > 0, "must be > 0"),
+    ("discriminator.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("discriminator.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("discriminator.steps_per_student_step", lambda v: v >= 0,
+     "must be >= 0 (0 = by loss: 1 for bce/hinge, 5 for wgan_gp)"),
+    ("discriminator.label_smoothing", lambda v: 0 <= v < 0.5,
+     "must be in [0, 0.5) (the teacher features' target is 1 - label_smoothing)"),
+    ("discriminator.gp_weight", lambda v: v >= 0, "must be >= 0"),
+    ("discriminator.health_window", lambda v: v >= 1, "must be >= 1 (steps)"),
+)
+
+METHODS = (KDABert,)

@@ -1,0 +1,359 @@
+"""The staged run behind `kdjax distill`: teachers -> student -> each stage (its loss, data,
+teachers or their cached outputs, state and step) through the one training loop -> evaluation
+and export. `build_stage` is the public builder of one stage's state and step; `kdjax bench`
+builds its step with it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from kdjax import config as config_lib, data, distributed, hf, optim, sharding, teacher_cache
+from kdjax import train
+from kdjax import metrics as metrics_lib
+from kdjax.engine.loss import LossSpec
+from kdjax.engine.method import DistillError, Method
+from kdjax.engine.step import make_distill_step
+from kdjax.engine.students import (DistillStudent, build_student, non_embedding_params,
+                                   student_config)
+from kdjax.engine.teachers import Teachers, load_teachers, prepare_teachers
+from kdjax.models.bert import BertClassifier, BertConfig, count_params
+
+
+def stage_loss(config: ml_collections.ConfigDict, name: str, *,
+               methods: Sequence[type[Method]], student: BertConfig, teacher: BertConfig,
+               tokenizer=None, total_steps: int = 1, extra_terms: tuple = ()) -> LossSpec:
+    """Stage `name`'s loss from its config section, checked against the two architectures.
+
+    Raises:
+      DistillError: a layer map that does not fit, or a term the architectures cannot support.
+    """
+    spec = LossSpec.from_config(config[name].loss, methods=methods,
+                                student_layers=student.num_hidden_layers,
+                                teacher_layers=teacher.num_hidden_layers,
+                                teacher_heads=teacher.num_attention_heads,
+                                total_steps=total_steps, tokenizer=tokenizer,
+                                extra_terms=extra_terms)
+    spec.check(student, teacher, projection=config.student.projection)
+    return spec
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage, ready for `train.train_loop`.
+
+    Attributes:
+      name: the stage's config section.
+      config: the run's config.
+      spec: its loss.
+      state: what the loop trains (a TrainState of the `DistillStudent`, or a method's own state).
+      loop_step: the loop's `(state, batch, key) -> (state, metrics)`.
+      step: the plain jitted student step `(state, teachers, batch, key)`, or None when a method
+        changes the update (`Method.make_update`).
+      teachers: the placed frozen teachers the step reads, or None (cached or no teacher).
+      optim_config: the optimizer section with the stage's learning rate.
+      total_steps: the stage's updates.
+      mesh: the device mesh.
+      log: the run's metric log (a method may log its own health warnings).
+    """
+
+    name: str
+    config: ml_collections.ConfigDict
+    spec: LossSpec
+    state: Any
+    loop_step: Callable | None
+    step: Callable | None
+    teachers: Teachers | None
+    optim_config: ml_collections.ConfigDict
+    total_steps: int
+    mesh: Mesh
+    log: Any = None
+
+    @property
+    def lr_at(self) -> Callable:
+        return optim.warmup_linear_decay(self.optim_config.lr, self.total_steps,
+                                         self.optim_config.warmup_ratio)
+
+
+def _with_teachers(jitted: Callable, teachers, state, batch, key):
+    """The loop's `(state, batch, key)` step over a distillation step that also takes teachers."""
+    return jitted(state, teachers, batch, key)
+
+
+def build_stage(config: ml_collections.ConfigDict, name: str, spec: LossSpec,
+                student: DistillStudent, teachers: Teachers | None, mesh: Mesh, *,
+                total_steps: int, log=None) -> Stage:
+    """The state and step of stage `name`: the student's optimizer (the stage's learning rate,
+    warm-up and linear decay over `total_steps`) and state placed on the mesh, the jitted student
+    step, or, when a method changes the update, that method's state and step.
+
+    Args:
+      config: the run's config (`optim`, `train.fsdp`, `train.grad_accum_steps`).
+      name: the stage's config section.
+      spec: its loss (`stage_loss`, with `total_steps` set).
+      student: the module to train.
+      teachers: the placed frozen teachers, or None when the step needs none (cached outputs).
+      mesh: the device mesh.
+      total_steps: the stage's updates (the learning-rate schedule's length).
+      log: the run's metric log.
+    """
+    stage_config = config[name]
+    optim_config = ml_collections.ConfigDict(config.optim.to_dict())
+    optim_config.lr = stage_config.lr or config.optim.lr
+    tx = optim.make_optimizer(optim_config, total_steps)
+    fsdp = config.train.get("fsdp", False)
+    state = sharding.place_state(train.TrainState.create(student, tx), mesh, fsdp=fsdp)
+    stage = Stage(name=name, config=config, spec=spec, state=state, loop_step=None, step=None,
+                  teachers=teachers, optim_config=optim_config, total_steps=total_steps,
+                  mesh=mesh, log=log)
+    update = spec.update_method()
+    if update is not None:
+        stage.state, stage.loop_step = update.make_update(stage)
+        return stage
+    stage.step = make_distill_step(mesh, spec, fsdp=fsdp,
+                                   grad_accum_steps=config.train.get("grad_accum_steps", 1))
+    stage.loop_step = functools.partial(_with_teachers, stage.step, teachers)
+    return stage
+
+
+def stage_split(config, stage, inputs: train.TaskInputs, *,
+                uses_teacher: bool) -> data.EncodedSplit:
+    """The stage's training examples. Without a teacher term, unlabelled rows teach nothing, so
+    such a stage trains on the labelled examples only."""
+    if stage.data == "unlabelled":
+        if config.data.unlabelled_file:
+            path = pathlib.Path(config.data.unlabelled_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"data.unlabelled_file {path} not found")
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            examples = [data.Example(ln, None, -1) for ln in lines if ln]
+            if not examples:
+                raise data.DataError(f"{path} has no non-empty line")
+            return data.encode(examples, inputs.tokenizer, config.data.max_length)
+        return data.without_labels(data.concatenate([inputs.train, inputs.unlabelled_rest]))
+    if stage.data != "train":
+        raise DistillError(f"a stage's data must be train or unlabelled, got {stage.data!r}")
+    if uses_teacher and config.data.unlabelled_rest and len(inputs.unlabelled_rest):
+        return data.concatenate([inputs.train, inputs.unlabelled_rest])
+    return inputs.train
+
+
+def start_task(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+               progress: bool = True) -> tuple[list[pathlib.Path], train.TaskInputs]:
+    """The fine-tuned teacher directories (fine-tuning them first when needed) and the task's
+    encoded splits, tokenised with the first teacher's tokenizer."""
+    task = data.load_task(config.data.task, train_file=config.data.train_file,
+                          dev_file=config.data.dev_file,
+                          text_columns=tuple(config.data.text_columns),
+                          label_column=config.data.label_column, splits=("dev",))
+    teacher_dirs = prepare_teachers(config, workdir, task.label_names, progress=progress)
+    task_config = ml_collections.ConfigDict({"model": {"name": str(teacher_dirs[0])},
+                                             "data": config.data.to_dict()})
+    return teacher_dirs, train.prepare_task(task_config)
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                    label_names: list[str]) -> None:
+    distributed.write_text(workdir / "config.json",
+                           json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    distributed.write_text(workdir / "labels.json", json.dumps(label_names) + "\n")
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+            methods: Sequence[type[Method]], progress: bool = True, extra_terms: tuple = (),
+            measure_throughput: bool = True) -> dict:
+    """Fine-tuned teacher -> BERT student -> distillation stages -> evaluation -> saved student.
+
+    Resumable: finished teacher runs and stages are reused, an interrupted stage resumes from
+    its last checkpoint. Writes to `workdir`: teacher-seedN/ (when fine-tuning), stages/NAME/
+    (Orbax checkpoints of the student, never the teacher), metrics.jsonl, config.json,
+    model/ (the student as a Hugging Face directory) and eval.json.
+
+    Args:
+      config: a distillation config (see `kdjax.recipes`).
+      workdir: the run directory.
+      methods: the method classes whose settings a stage's `loss` section holds
+        (`kdjax.methods.loss_methods()`), in the order their terms are added.
+      extra_terms: user loss terms `(name, weight, fn)` added to every stage's loss.
+      measure_throughput: also time student and teacher inference on the dev split.
+
+    Returns:
+      The student's dev metrics, teacher accuracy, agreement, timings and throughputs.
+    """
+    workdir, mesh = train.start_run(config, workdir)
+    teacher_dirs, inputs = start_task(config, workdir, progress=progress)
+    teacher_arch, _ = hf.read_config(teacher_dirs[0])
+    cfg = config.student
+    student_arch = student_config(teacher_arch, layers=cfg.layers, hidden=cfg.hidden,
+                                  heads=cfg.heads, intermediate=cfg.intermediate, dtype=cfg.dtype)
+    # Every stage's loss, checked before any model is built (does a stage need an MLM head?).
+    specs = {name: stage_loss(config, name, methods=methods, student=student_arch,
+                              teacher=teacher_arch, tokenizer=inputs.tokenizer,
+                              extra_terms=extra_terms) for name in config.stages}
+    mlm_head = any(spec.needs.student_mlm_head for spec in specs.values())
+    teachers = load_teachers(teacher_dirs, dtype=config.teacher.dtype, mlm_head=mlm_head)
+    num_labels = inputs.task.num_labels
+    student_model = build_student(config, teachers[0], num_labels, mlm_head=mlm_head)
+    teacher_width = teachers[0].config.hidden_size if config.student.projection else None
+    student = DistillStudent(student_model, teacher_width, rngs=nnx.Rngs(config.train.seed + 1))
+    write_run_files(config, workdir, inputs.task.label_names)
+    log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
+    dropout_key = sharding.replicate(jax.random.key(config.train.seed), mesh)
+
+    train_seconds, stage_results = 0.0, {}
+    fsdp = config.train.get("fsdp", False)
+    for name in config.stages:
+        stage_config = config[name]
+        spec = specs[name]
+        split = stage_split(config, stage_config, inputs, uses_teacher=spec.uses_teacher)
+        batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets,
+                               shuffle=True, seed=config.train.seed)
+        total_steps = config.train.max_steps or max(
+            1, math.ceil(stage_config.epochs * batcher.num_batches))
+        spec = dataclasses.replace(spec, total_steps=total_steps)
+        stage_teachers = None
+        if spec.uses_teacher:
+            models, dirs, key_extra = teachers, teacher_dirs, None
+            if stage_config.teacher == "pretrained":
+                models = [hf.load_pretrained(config.teacher.name, num_labels=num_labels,
+                                             dtype=config.teacher.dtype)[0]]
+                dirs = [hf.resolve_checkpoint(config.teacher.name)]
+                # hf.load_pretrained's new head for the task (seed 0) is in no file.
+                key_extra = {"new_head_labels": num_labels, "seed": 0}
+            elif stage_config.teacher != "finetuned":
+                raise DistillError(f"{name}.teacher must be finetuned or pretrained, got "
+                                   f"{stage_config.teacher!r}")
+            stage_teachers = sharding.place_state(Teachers.create(models), mesh, fsdp=fsdp)
+            # Fixed inputs: the teachers' outputs are computed once, stored, and read back with
+            # each batch (kdjax/teacher_cache.py); the step then runs no teacher.
+            cache = teacher_cache.for_stage(
+                config, name, spec, teachers=models, split=split, buckets=inputs.buckets,
+                mesh=mesh, workdir=workdir, teacher_dirs=dirs, key_extra=key_extra)
+            if cache is not None:
+                batcher = teacher_cache.CachedTeacherBatcher(batcher, cache)
+                spec = dataclasses.replace(spec, cached_hidden_layers=cache.hidden_layers)
+                stage_teachers = None
+        stage = build_stage(config, name, spec, student, stage_teachers, mesh,
+                            total_steps=total_steps, log=log)
+        print(f"stage {name}: {total_steps} steps over {len(batcher.split)} examples, terms "
+              f"{spec.term_names}", flush=True)
+        run = train.train_loop(
+            stage.state, stage.loop_step, batcher,
+            total_steps=total_steps, train_config=config.train,
+            checkpoint_dir=workdir / "stages" / name / "checkpoints", log=log, mesh=mesh,
+            dropout_key=dropout_key, lr_at=stage.lr_at, progress=progress, description=name)
+        if not run.finished:
+            return {"finished": False, "stage": name, "steps": run.steps}
+        train_seconds += run.train_seconds
+        stage_results[name] = {"steps": run.steps, "train_seconds": run.train_seconds}
+        student = run.state.model()
+        student_model = student.model
+
+    return finish(config, workdir, student_model, teachers, inputs, mesh, log,
+                  train_seconds, stage_results, measure_throughput)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation and export
+
+
+def inference_speed(model: nnx.Module, split: data.EncodedSplit, batch_size: int,
+                    buckets, mesh: Mesh, repeats: int = 3) -> float:
+    """Examples/s of deterministic inference over `split`, compiled first (best of `repeats`)."""
+    predict_fn = train.make_predict_step(mesh)
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = sharding.replicate(params, mesh)
+    batcher = data.Batcher(split, batch_size, buckets=buckets, shuffle=False)
+    train.predict(predict_fn, graphdef, params, batcher, mesh)  # Compile every bucket.
+    return max(train.predict(predict_fn, graphdef, params, batcher, mesh)[1]
+               for _ in range(repeats))
+
+
+def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh: Mesh,
+                   batch_size: int) -> dict:
+    """The student's dev metrics beside the teachers': the teacher's accuracy (several teachers:
+    their ensemble, probabilities averaged as the soft targets are), each teacher's own accuracy
+    and the best of them, and the student's agreement with the teacher's predictions."""
+    predict_fn = train.make_predict_step(mesh)
+
+    def dev_logits(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        batcher = data.Batcher(inputs.dev, batch_size, buckets=inputs.buckets, shuffle=False)
+        return train.predict(predict_fn, graphdef, sharding.replicate(params, mesh), batcher,
+                             mesh)[0]
+
+    labels, num_labels = inputs.dev.labels, inputs.task.num_labels
+    each_teacher_probs = [np.asarray(jax.nn.softmax(dev_logits(t))) for t in teachers]
+    student_pred = dev_logits(student).argmax(-1)
+    teacher_pred = np.mean(each_teacher_probs, 0).argmax(-1)
+    single_accuracies = [float(np.mean(p.argmax(-1) == labels)) for p in each_teacher_probs]
+    result = metrics_lib.classification_metrics(student_pred, labels, num_labels)
+    result.update(
+        teacher_accuracy=metrics_lib.classification_metrics(teacher_pred, labels,
+                                                            num_labels)["accuracy"],
+        teacher_accuracies=single_accuracies,
+        best_single_teacher_accuracy=max(single_accuracies),
+        teacher_agreement=float(np.mean(student_pred == teacher_pred)),
+        examples=len(labels))
+    return result
+
+
+def evaluate_student(config, student: nnx.Module, teachers, inputs: train.TaskInputs,
+                     mesh: Mesh, *, measure_throughput: bool, student_layers: int,
+                     student_hidden: int, student_non_embedding_params: int,
+                     train_seconds: float, stages: dict) -> dict:
+    """The keys of every distillation run's eval.json: dev metrics beside the teachers', sizes,
+    training time and (with `measure_throughput`) inference examples/s of student and teacher."""
+    eval_bs, buckets = config.data.eval_batch_size, inputs.buckets
+    result = compare_on_dev(student, teachers, inputs, mesh, eval_bs)
+    result.update(
+        student_layers=student_layers, student_hidden=student_hidden,
+        student_params=count_params(nnx.state(student, nnx.Param)),
+        student_non_embedding_params=student_non_embedding_params,
+        teacher_non_embedding_params=non_embedding_params(teachers[0]),
+        train_seconds=train_seconds, stages=stages, finished=True)
+    if measure_throughput:
+        result.update(
+            student_examples_per_s=inference_speed(student, inputs.dev, eval_bs, buckets, mesh),
+            teacher_examples_per_s=inference_speed(teachers[0], inputs.dev, eval_bs, buckets,
+                                                   mesh))
+    return result
+
+
+def write_result(workdir: pathlib.Path, log, result: dict) -> None:
+    """The final dev line of metrics.jsonl and eval.json."""
+    log.write(sum(r["steps"] for r in result["stages"].values()), "dev", result)
+    distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
+
+
+def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inputs, mesh,
+           log, train_seconds: float, stage_results: dict, measure_throughput: bool) -> dict:
+    """Dev evaluation, teacher agreement, throughputs; saves the BERT student and eval.json."""
+    result = evaluate_student(
+        config, student, teachers, inputs, mesh, measure_throughput=measure_throughput,
+        student_layers=student.config.num_hidden_layers,
+        student_hidden=student.config.hidden_size,
+        student_non_embedding_params=non_embedding_params(student),
+        train_seconds=train_seconds, stages=stage_results)
+    export = student
+    if student.mlm is not None:
+        # The exported classifier carries no MLM head: save a copy without it.
+        export = BertClassifier(student.config, student.num_labels, rngs=nnx.Rngs(0))
+        nnx.update(export.bert, nnx.state(student.bert, nnx.Param))
+        nnx.update(export.classifier, nnx.state(student.classifier, nnx.Param))
+    hf.save_pretrained(export, workdir / "model", label_names=inputs.task.label_names,
+                       tokenizer=inputs.tokenizer,
+                       extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
+    write_result(workdir, log, result)
+    return result
