@@ -35,7 +35,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The recipes each setting runs (its control first). The BiLSTM student has a setting of its
 # own: it is compared with its own no-teacher control, not with the BERT students.
 _BERT_RECIPES = ("baseline", "kd", "pkd_skip", "pkd_last", "tinybert", "distilbert", "kdabert",
-                 "kdabert_mse", "newsbert", "kd_ensemble")
+                 "kdabert_mse", "newsbert", "kd_ensemble", "minilm", "minilm_v2")
 RECIPES = {
     "half_depth": _BERT_RECIPES,
     "tenth_size": _BERT_RECIPES,
@@ -59,9 +59,9 @@ def control_of(setting: str) -> str:
 
 
 def _config(recipe: str, setting: str, overrides: list[str]):
-    from kdjax import config as config_lib
+    from kdjax import config as config_lib, methods
     config = config_lib.load_config(f"{REPO_ROOT / 'configs' / recipe}.py:{setting}")
-    return config_lib.validate(config_lib.apply_overrides(config, overrides))
+    return methods.validate(config_lib.apply_overrides(config, overrides))
 
 
 def _teacher(setting: str, workdir: pathlib.Path, given: str | None, overrides: list[str],
@@ -79,7 +79,7 @@ def _teacher(setting: str, workdir: pathlib.Path, given: str | None, overrides: 
         config = _config("baseline", "few_labels" if setting == "few_labels" else "half_depth",
                          overrides)
         print(f"== fine-tuning the {setting} teacher (seed {seed}) into {run_dir}", flush=True)
-        train.fine_tune(teachers._teacher_finetune_config(config, seed), run_dir)
+        train.fine_tune(teachers.teacher_finetune_config(config, seed), run_dir)
     return str(run_dir / "model")
 
 

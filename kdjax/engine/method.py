@@ -169,18 +169,65 @@ class Method:
         raise NotImplementedError
 
 
-@dataclasses.dataclass(frozen=True)
-class RunMethod:
-    """A method with its own student and run, chosen by `config.method` (the Distilled BiLSTM,
-    NewsBERT's joint teacher-student training). Its run builds on the engine's parts (teachers,
-    stages' data, the one training loop, `kdjax.engine.run.evaluate_student`) and writes the
-    same workdir layout and eval.json keys as the staged BERT run.
+@dataclasses.dataclass
+class RunContext:
+    """What one run of `kdjax.engine.run.run` shares with its `StudentRun`.
 
     Attributes:
-      name: the `config.method` value.
-      run: `(config, workdir, *, methods, progress, measure_throughput) -> result`; `methods`
-        are the loss-method classes a stage's `loss` section may name.
+      config: the run's config.
+      workdir: the run directory.
+      mesh: the device mesh.
+      methods: the loss-method classes a stage's `loss` section may name.
+      progress: show a progress bar.
+      measure_throughput: time student and teacher inference at the end.
+      extra_terms: user loss terms for the stages' losses.
+      log: the run's metric log (metrics.jsonl).
+      dropout_key: the run's replicated base key.
+      train_seconds, stages: what the finished stages took (`stages[name]` = steps, seconds).
     """
 
-    name: str
-    run: Callable[..., dict]
+    config: Any
+    workdir: Any
+    mesh: Any
+    methods: tuple = ()
+    progress: bool = True
+    measure_throughput: bool = True
+    extra_terms: tuple = ()
+    log: Any = None
+    dropout_key: Any = None
+    train_seconds: float = 0.0
+    stages: dict = dataclasses.field(default_factory=dict)
+
+
+class StudentRun:
+    """A run's student and its update: what the engine's one run (`kdjax.engine.run.run`) asks
+    of a method. The staged BERT run is one (`kdjax.engine.run.StagedBertRun`); a method with
+    its own student or its own joint update is another (the Distilled BiLSTM, NewsBERT), chosen
+    by `config.method = NAME`.
+
+    The run calls, in order: `start()` (teachers, data, student), then for each name of
+    `stage_names()`: `init_stage(name)` (the stage's state, loop step, batches and schedule),
+    the one training loop, `end_stage(name, state)`; then `finish()` (evaluation and export,
+    returning eval.json's contents).
+    """
+
+    NAME: ClassVar[str] = ""
+
+    def __init__(self, run: RunContext):
+        self.run = run
+
+    def start(self) -> None:
+        """Everything before the first stage."""
+
+    def stage_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def init_stage(self, name: str):
+        """The stage's `kdjax.engine.run.Stage` (state, loop step, batcher, steps, schedule)."""
+        raise NotImplementedError
+
+    def end_stage(self, name: str, state) -> None:
+        """Takes the trained state of a finished stage."""
+
+    def finish(self) -> dict:
+        raise NotImplementedError

@@ -23,7 +23,7 @@ from kdjax import config as config_lib, data, distributed, hf, optim, sharding, 
 from kdjax import train
 from kdjax import metrics as metrics_lib
 from kdjax.engine.loss import LossSpec
-from kdjax.engine.method import DistillError, Method
+from kdjax.engine.method import DistillError, Method, RunContext, StudentRun
 from kdjax.engine.step import make_distill_step
 from kdjax.engine.students import (DistillStudent, build_student, non_embedding_params,
                                    student_config)
@@ -51,39 +51,36 @@ def stage_loss(config: ml_collections.ConfigDict, name: str, *,
 
 @dataclasses.dataclass
 class Stage:
-    """One stage, ready for `train.train_loop`.
+    """One stage, ready for the training loop.
 
     Attributes:
-      name: the stage's config section.
-      config: the run's config.
-      spec: its loss.
-      state: what the loop trains (a TrainState of the `DistillStudent`, or a method's own state).
+      name: the stage's name (its config section, and its checkpoint directory stages/NAME).
+      state: what the loop trains (a TrainState, or a method's own composite state).
       loop_step: the loop's `(state, batch, key) -> (state, metrics)`.
+      total_steps: the stage's updates.
+      lr_at: the learning rate at a step (logged).
+      batcher: the stage's batches (`data.Batcher`, or one that adds cached teacher outputs).
+      spec: its loss, for a stage of a `DistillStudent`.
       step: the plain jitted student step `(state, teachers, batch, key)`, or None when a method
         changes the update (`Method.make_update`).
       teachers: the placed frozen teachers the step reads, or None (cached or no teacher).
       optim_config: the optimizer section with the stage's learning rate.
-      total_steps: the stage's updates.
-      mesh: the device mesh.
-      log: the run's metric log (a method may log its own health warnings).
+      config, mesh, log: the run's (a method that changes the update reads them).
     """
 
     name: str
-    config: ml_collections.ConfigDict
-    spec: LossSpec
     state: Any
     loop_step: Callable | None
-    step: Callable | None
-    teachers: Teachers | None
-    optim_config: ml_collections.ConfigDict
     total_steps: int
-    mesh: Mesh
+    lr_at: Callable
+    batcher: Any = None
+    spec: LossSpec | None = None
+    step: Callable | None = None
+    teachers: Teachers | None = None
+    optim_config: ml_collections.ConfigDict | None = None
+    config: ml_collections.ConfigDict | None = None
+    mesh: Mesh | None = None
     log: Any = None
-
-    @property
-    def lr_at(self) -> Callable:
-        return optim.warmup_linear_decay(self.optim_config.lr, self.total_steps,
-                                         self.optim_config.warmup_ratio)
 
 
 def _with_teachers(jitted: Callable, teachers, state, batch, key):
@@ -114,8 +111,9 @@ def build_stage(config: ml_collections.ConfigDict, name: str, spec: LossSpec,
     tx = optim.make_optimizer(optim_config, total_steps)
     fsdp = config.train.get("fsdp", False)
     state = sharding.place_state(train.TrainState.create(student, tx), mesh, fsdp=fsdp)
-    stage = Stage(name=name, config=config, spec=spec, state=state, loop_step=None, step=None,
-                  teachers=teachers, optim_config=optim_config, total_steps=total_steps,
+    lr_at = optim.warmup_linear_decay(optim_config.lr, total_steps, optim_config.warmup_ratio)
+    stage = Stage(name=name, state=state, loop_step=None, total_steps=total_steps, lr_at=lr_at,
+                  spec=spec, teachers=teachers, optim_config=optim_config, config=config,
                   mesh=mesh, log=log)
     update = spec.update_method()
     if update is not None:
@@ -170,52 +168,89 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     distributed.write_text(workdir / "labels.json", json.dumps(label_names) + "\n")
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-            methods: Sequence[type[Method]], progress: bool = True, extra_terms: tuple = (),
-            measure_throughput: bool = True) -> dict:
-    """Fine-tuned teacher -> BERT student -> distillation stages -> evaluation -> saved student.
-
-    Resumable: finished teacher runs and stages are reused, an interrupted stage resumes from
-    its last checkpoint. Writes to `workdir`: teacher-seedN/ (when fine-tuning), stages/NAME/
-    (Orbax checkpoints of the student, never the teacher), metrics.jsonl, config.json,
-    model/ (the student as a Hugging Face directory) and eval.json.
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, student_run: type,
+        *, methods: Sequence[type[Method]], progress: bool = True, extra_terms: tuple = (),
+        measure_throughput: bool = True) -> dict:
+    """The one run of every distillation: `student_run`'s start, each of its stages through the
+    one training loop (checkpointed in WORKDIR/stages/NAME/, resumed from there), its finish.
 
     Args:
       config: a distillation config (see `kdjax.recipes`).
       workdir: the run directory.
-      methods: the method classes whose settings a stage's `loss` section holds
+      student_run: the `StudentRun` class of the run's student (`StagedBertRun`, or a method's).
+      methods: the loss-method classes a stage's `loss` section holds
         (`kdjax.methods.loss_methods()`), in the order their terms are added.
       extra_terms: user loss terms `(name, weight, fn)` added to every stage's loss.
       measure_throughput: also time student and teacher inference on the dev split.
 
     Returns:
-      The student's dev metrics, teacher accuracy, agreement, timings and throughputs.
+      What `finish` returns (eval.json's contents), or `{"finished": False, ...}` when a stage
+      stopped early (`train.stop_after_steps`; rerun to resume).
     """
     workdir, mesh = train.start_run(config, workdir)
-    teacher_dirs, inputs = start_task(config, workdir, progress=progress)
-    teacher_arch, _ = hf.read_config(teacher_dirs[0])
-    cfg = config.student
-    student_arch = student_config(teacher_arch, layers=cfg.layers, hidden=cfg.hidden,
-                                  heads=cfg.heads, intermediate=cfg.intermediate, dtype=cfg.dtype)
-    # Every stage's loss, checked before any model is built (does a stage need an MLM head?).
-    specs = {name: stage_loss(config, name, methods=methods, student=student_arch,
-                              teacher=teacher_arch, tokenizer=inputs.tokenizer,
-                              extra_terms=extra_terms) for name in config.stages}
-    mlm_head = any(spec.needs.student_mlm_head for spec in specs.values())
-    teachers = load_teachers(teacher_dirs, dtype=config.teacher.dtype, mlm_head=mlm_head)
-    num_labels = inputs.task.num_labels
-    student_model = build_student(config, teachers[0], num_labels, mlm_head=mlm_head)
-    teacher_width = teachers[0].config.hidden_size if config.student.projection else None
-    student = DistillStudent(student_model, teacher_width, rngs=nnx.Rngs(config.train.seed + 1))
-    write_run_files(config, workdir, inputs.task.label_names)
-    log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
-    dropout_key = sharding.replicate(jax.random.key(config.train.seed), mesh)
+    context = RunContext(config=config, workdir=workdir, mesh=mesh, methods=tuple(methods),
+                         progress=progress, measure_throughput=measure_throughput,
+                         extra_terms=tuple(extra_terms),
+                         dropout_key=sharding.replicate(jax.random.key(config.train.seed), mesh))
+    method = student_run(context)
+    method.start()
+    if context.log is None:
+        context.log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
+    for name in method.stage_names():
+        stage = method.init_stage(name)
+        result = train.train_loop(
+            stage.state, stage.loop_step, stage.batcher, total_steps=stage.total_steps,
+            train_config=config.train, checkpoint_dir=workdir / "stages" / name / "checkpoints",
+            log=context.log, mesh=mesh, dropout_key=context.dropout_key, lr_at=stage.lr_at,
+            progress=progress, description=name)
+        if not result.finished:
+            return {"finished": False, "stage": name, "steps": result.steps}
+        context.train_seconds += result.train_seconds
+        context.stages[name] = {"steps": result.steps, "train_seconds": result.train_seconds}
+        method.end_stage(name, result.state)
+    return method.finish()
 
-    train_seconds, stage_results = 0.0, {}
-    fsdp = config.train.get("fsdp", False)
-    for name in config.stages:
+
+class StagedBertRun(StudentRun):
+    """Fine-tuned teacher -> BERT student -> `config.stages` -> evaluation -> saved student.
+
+    Resumable: finished teacher runs and stages are reused. Writes to the workdir: teacher-seedN/
+    (when fine-tuning), stages/NAME/ (Orbax checkpoints of the student, never the teacher),
+    metrics.jsonl, config.json, labels.json, model/ (the student as a Hugging Face directory)
+    and eval.json.
+    """
+
+    NAME = "bert"
+
+    def start(self) -> None:
+        run, config = self.run, self.run.config
+        self.teacher_dirs, self.inputs = start_task(config, run.workdir, progress=run.progress)
+        teacher_arch, _ = hf.read_config(self.teacher_dirs[0])
+        cfg = config.student
+        student_arch = student_config(teacher_arch, layers=cfg.layers, hidden=cfg.hidden,
+                                      heads=cfg.heads, intermediate=cfg.intermediate,
+                                      dtype=cfg.dtype)
+        # Every stage's loss, checked before any model is built (does a stage need an MLM head?).
+        self.specs = {name: stage_loss(config, name, methods=run.methods, student=student_arch,
+                                       teacher=teacher_arch, tokenizer=self.inputs.tokenizer,
+                                       extra_terms=run.extra_terms) for name in config.stages}
+        mlm_head = any(spec.needs.student_mlm_head for spec in self.specs.values())
+        self.teachers = load_teachers(self.teacher_dirs, dtype=config.teacher.dtype,
+                                      mlm_head=mlm_head)
+        student = build_student(config, self.teachers[0], self.inputs.task.num_labels,
+                                mlm_head=mlm_head)
+        teacher_width = self.teachers[0].config.hidden_size if cfg.projection else None
+        self.student = DistillStudent(student, teacher_width,
+                                      rngs=nnx.Rngs(config.train.seed + 1))
+        write_run_files(config, run.workdir, self.inputs.task.label_names)
+
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(self.run.config.stages)
+
+    def init_stage(self, name: str) -> Stage:
+        run, config, inputs = self.run, self.run.config, self.inputs
         stage_config = config[name]
-        spec = specs[name]
+        spec = self.specs[name]
         split = stage_split(config, stage_config, inputs, uses_teacher=spec.uses_teacher)
         batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets,
                                shuffle=True, seed=config.train.seed)
@@ -224,8 +259,9 @@ def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         spec = dataclasses.replace(spec, total_steps=total_steps)
         stage_teachers = None
         if spec.uses_teacher:
-            models, dirs, key_extra = teachers, teacher_dirs, None
+            models, dirs, key_extra = self.teachers, self.teacher_dirs, None
             if stage_config.teacher == "pretrained":
+                num_labels = inputs.task.num_labels
                 models = [hf.load_pretrained(config.teacher.name, num_labels=num_labels,
                                              dtype=config.teacher.dtype)[0]]
                 dirs = [hf.resolve_checkpoint(config.teacher.name)]
@@ -234,34 +270,31 @@ def distill(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             elif stage_config.teacher != "finetuned":
                 raise DistillError(f"{name}.teacher must be finetuned or pretrained, got "
                                    f"{stage_config.teacher!r}")
-            stage_teachers = sharding.place_state(Teachers.create(models), mesh, fsdp=fsdp)
+            stage_teachers = sharding.place_state(Teachers.create(models), run.mesh,
+                                                  fsdp=config.train.get("fsdp", False))
             # Fixed inputs: the teachers' outputs are computed once, stored, and read back with
             # each batch (kdjax/teacher_cache.py); the step then runs no teacher.
             cache = teacher_cache.for_stage(
                 config, name, spec, teachers=models, split=split, buckets=inputs.buckets,
-                mesh=mesh, workdir=workdir, teacher_dirs=dirs, key_extra=key_extra)
+                mesh=run.mesh, workdir=run.workdir, teacher_dirs=dirs, key_extra=key_extra)
             if cache is not None:
                 batcher = teacher_cache.CachedTeacherBatcher(batcher, cache)
                 spec = dataclasses.replace(spec, cached_hidden_layers=cache.hidden_layers)
                 stage_teachers = None
-        stage = build_stage(config, name, spec, student, stage_teachers, mesh,
-                            total_steps=total_steps, log=log)
+        stage = build_stage(config, name, spec, self.student, stage_teachers, run.mesh,
+                            total_steps=total_steps, log=run.log)
+        stage.batcher = batcher
         print(f"stage {name}: {total_steps} steps over {len(batcher.split)} examples, terms "
               f"{spec.term_names}", flush=True)
-        run = train.train_loop(
-            stage.state, stage.loop_step, batcher,
-            total_steps=total_steps, train_config=config.train,
-            checkpoint_dir=workdir / "stages" / name / "checkpoints", log=log, mesh=mesh,
-            dropout_key=dropout_key, lr_at=stage.lr_at, progress=progress, description=name)
-        if not run.finished:
-            return {"finished": False, "stage": name, "steps": run.steps}
-        train_seconds += run.train_seconds
-        stage_results[name] = {"steps": run.steps, "train_seconds": run.train_seconds}
-        student = run.state.model()
-        student_model = student.model
+        return stage
 
-    return finish(config, workdir, student_model, teachers, inputs, mesh, log,
-                  train_seconds, stage_results, measure_throughput)
+    def end_stage(self, name: str, state) -> None:
+        self.student = state.model()
+
+    def finish(self) -> dict:
+        run = self.run
+        return finish(run.config, run.workdir, self.student.model, self.teachers, self.inputs,
+                      run.mesh, run.log, run.train_seconds, run.stages, run.measure_throughput)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def cached_teacher_outputs(batch: dict, cached_hidden_layers: tuple[int, ...]) -
     return jax.lax.stop_gradient(out)
 
 
-def _teacher_finetune_config(config: ml_collections.ConfigDict,
+def teacher_finetune_config(config: ml_collections.ConfigDict,
                              seed: int) -> ml_collections.ConfigDict:
     ft = config_lib.finetune_config()
     ft.model.name = config.teacher.name
@@ -123,7 +123,7 @@ def prepare_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             if not (run_dir / "eval.json").is_file():
                 print(f"fine-tuning teacher {config.teacher.name} (seed {seed}) into {run_dir}",
                       flush=True)
-                result = train.fine_tune(_teacher_finetune_config(config, seed), run_dir,
+                result = train.fine_tune(teacher_finetune_config(config, seed), run_dir,
                                          progress=progress)
                 if not result["finished"]:
                     raise DistillError(f"teacher fine-tuning in {run_dir} stopped early "

@@ -3,8 +3,9 @@
 A module here may define:
   METHODS: `kdjax.engine.method.Method` subclasses: loss terms of the staged BERT run, whose
     fields are keys of every stage's `loss` section (kd, tinybert, pkd, distilbert, minilm, ...);
-  RUN: a `kdjax.engine.method.RunMethod`: a method with its own student and run, chosen by
-    `config.method` (bilstm, newsbert);
+  RUN: a `kdjax.engine.method.StudentRun` class: a method with its own student or its own
+    joint update, run by the engine's one run when `config.method` is its NAME (bilstm,
+    newsbert);
   CONFIG_RULES: `(dotted key, check, what it demands)` for config sections it owns.
 
 Nothing else lists the methods: a new module with a `METHODS` tuple is picked up by the configs
@@ -27,10 +28,7 @@ import ml_collections
 from kdjax import config as config_lib
 from kdjax.engine import loss as engine_loss
 from kdjax.engine import run as engine_run
-from kdjax.engine.method import Method, RunMethod
-
-# The staged BERT run of the engine: `config.method = "bert"`.
-BERT = RunMethod(name="bert", run=engine_run.distill)
+from kdjax.engine.method import Method, StudentRun
 
 
 @functools.cache
@@ -45,10 +43,11 @@ def loss_methods() -> tuple[type[Method], ...]:
     return tuple(kind for module in modules() for kind in getattr(module, "METHODS", ()))
 
 
-def run_methods() -> dict[str, RunMethod]:
-    """`config.method` values and their runs."""
-    runs = [BERT] + [module.RUN for module in modules() if hasattr(module, "RUN")]
-    return {run.name: run for run in runs}
+def run_methods() -> dict[str, type[StudentRun]]:
+    """`config.method` values and their `StudentRun`s; "bert" is the engine's staged run."""
+    runs = [engine_run.StagedBertRun] + [module.RUN for module in modules()
+                                         if hasattr(module, "RUN")]
+    return {run.NAME: run for run in runs}
 
 
 def loss_section_defaults() -> dict[str, Any]:
@@ -121,5 +120,5 @@ def distill(config: ml_collections.ConfigDict, workdir, *, progress: bool = True
     if name not in runs:
         raise config_lib.ConfigError(f"config key 'method' must be one of {tuple(runs)}, got "
                                      f"{name!r}")
-    return runs[name].run(config, workdir, methods=loss_methods(), progress=progress,
-                          measure_throughput=measure_throughput, **kwargs)
+    return engine_run.run(config, workdir, runs[name], methods=loss_methods(),
+                          progress=progress, measure_throughput=measure_throughput, **kwargs)

@@ -30,10 +30,9 @@ from jax.sharding import Mesh
 
 from kdjax import augment as augment_lib, distributed
 from kdjax import config as config_lib, data, hf, sharding, teacher_cache, train
-from kdjax import metrics as metrics_lib
 from kdjax.engine import run as engine_run
 from kdjax.engine.loss import LossSpec, combined_loss
-from kdjax.engine.method import RunMethod
+from kdjax.engine.method import StudentRun
 from kdjax.engine.step import student_step_metrics
 from kdjax.models.bert import BertClassifier
 # load_bilstm is re-exported: `from kdjax.bilstm import load_bilstm` loads a run's model/.
@@ -269,89 +268,6 @@ def check_terms(spec: LossSpec, stage_name: str) -> None:
                 "logit_mse, soft or soft_ce")
 
 
-def distill_bilstm(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                   methods=(), progress: bool = True, measure_throughput: bool = True) -> dict:
-    """Fine-tuned teacher -> augmented transfer set -> teacher labels -> BiLSTM -> evaluation.
-
-    Resumable like the staged BERT run: the teacher run, the augmented set, the teacher's labels
-    and the stage's checkpoints are reused. Writes to `workdir`: teacher-seedN/, cache/
-    (augmented-HASH.npz, teacher-outputs-KEY/), stages/NAME/checkpoints (Orbax),
-    metrics.jsonl, config.json, labels.json, model/ (`load_bilstm`) and eval.json.
-
-    Returns:
-      `kdjax.engine.run.evaluate_student`'s keys (student_layers=1, student_hidden=LSTM width) plus
-      augmented_examples, augmented_examples_per_s, transfer_examples and
-      teacher_labelling_seconds.
-    """
-    workdir, mesh = train.start_run(config, workdir)
-    check_config(config, methods)
-    name = config.stages[0]
-    stage = config[name]
-    spec = LossSpec.from_config(stage.loss, methods=methods, student_layers=1, teacher_layers=1)
-    teacher_dirs, inputs = engine_run.start_task(config, workdir, progress=progress)
-    teachers = [hf.load_pretrained(str(d), dtype=config.teacher.dtype)[0] for d in teacher_dirs]
-    engine_run.write_run_files(config, workdir, inputs.task.label_names)
-    cache_dir = workdir / "cache"
-
-    # The transfer set: the labelled examples (plus the unlabelled rest of a few-labels run),
-    # then the augmented copies; without a teacher term, the labelled examples alone.
-    split = inputs.train
-    extra = {"augmented_examples": 0, "augmented_examples_per_s": None,
-             "transfer_examples": 0, "teacher_labelling_seconds": 0.0}
-    if spec.uses_teacher:
-        if config.data.unlabelled_rest and len(inputs.unlabelled_rest):
-            split = data.concatenate([split, inputs.unlabelled_rest])
-        if config.augment.method != "none":
-            source = inputs.task.splits["train"]
-            if config.data.train_limit:  # The labelled subset train.prepare_task chose.
-                order = np.random.default_rng(config.data.subset_seed).permutation(len(source))
-                source = [source[i] for i in np.sort(order[:config.data.train_limit])]
-            augmented, info = augmented_split(config, source, inputs.tokenizer, teachers[0],
-                                              cache_dir)
-            extra.update(augmented_examples=info["augmented_examples"],
-                         augmented_examples_per_s=info["augmented_examples_per_s"])
-            split = data.concatenate([split, augmented])
-    extra["transfer_examples"] = len(split)
-
-    batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets, shuffle=True,
-                           seed=config.train.seed)
-    if spec.uses_teacher:
-        # The step never runs the teacher, so its logits are always cached (teacher.cache
-        # cannot turn that off here); teacher.cache_dir picks where.
-        cache = teacher_cache.load_or_compute(
-            teacher_dirs, teachers, split, mesh=mesh,
-            cache_dir=teacher_cache.cache_directory(config, workdir),
-            batch_size=config.data.eval_batch_size, buckets=inputs.buckets,
-            teacher_dtype=config.teacher.dtype, max_gb=config.teacher.cache_max_gb,
-            description="the transfer set")
-        extra["teacher_labelling_seconds"] = _labelling_info(cache)["seconds"]
-        batcher = teacher_cache.CachedTeacherBatcher(batcher, cache)
-
-    student = build_student(config, teachers[0], inputs.task.num_labels, inputs.tokenizer,
-                            inputs.task.label_names, pair=inputs.task.is_pair)
-    total_steps = config.train.max_steps or max(1, math.ceil(stage.epochs * batcher.num_batches))
-    optim_config = ml_collections.ConfigDict(config.optim.to_dict())
-    optim_config.lr = stage.lr or config.optim.lr
-    tx = make_optimizer(optim_config, train_embedding=config.student.train_embedding)
-    fsdp = config.train.get("fsdp", False)
-    state = sharding.place_state(train.TrainState.create(student, tx), mesh, fsdp=fsdp)
-    step_fn = train.make_train_step(mesh, functools.partial(bilstm_step, spec=spec), fsdp=fsdp,
-                                    grad_accum_steps=config.train.get("grad_accum_steps", 1))
-    log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
-    print(f"stage {name}: {total_steps} steps over {len(split):,} examples "
-          f"({len(inputs.train):,} labelled), terms {spec.term_names}", flush=True)
-    run = train.train_loop(
-        state, step_fn, batcher, total_steps=total_steps, train_config=config.train,
-        checkpoint_dir=workdir / "stages" / name / "checkpoints", log=log, mesh=mesh,
-        dropout_key=sharding.replicate(jax.random.key(config.train.seed), mesh),
-        lr_at=optax.constant_schedule(optim_config.lr), progress=progress, description=name)
-    if not run.finished:
-        return {"finished": False, "stage": name, "steps": run.steps}
-    stages = {name: {"steps": run.steps, "train_seconds": run.train_seconds}}
-    return _finish(config, workdir, run.state.model(), teachers, inputs, mesh, log,
-                   run.train_seconds, stages, measure_throughput, extra)
-
-
 def _finish(config, workdir: pathlib.Path, student: BiLSTMClassifier, teachers, inputs, mesh,
             log, train_seconds: float, stages: dict, measure_throughput: bool,
             extra: dict) -> dict:
@@ -372,6 +288,105 @@ def _finish(config, workdir: pathlib.Path, student: BiLSTMClassifier, teachers, 
 
 # ------------------------------------------------------------------------------------------------
 # Config sections (kdjax.recipes.bilstm_config)
+
+
+class BiLSTMRun(StudentRun):
+    """Fine-tuned teacher -> augmented transfer set -> teacher labels -> BiLSTM -> evaluation.
+
+    Resumable like the staged BERT run: the teacher run, the augmented set, the teacher's labels
+    and the stage's checkpoints are reused. Writes to the workdir: teacher-seedN/, cache/
+    (augmented-HASH.npz, teacher-outputs-KEY/), stages/NAME/checkpoints (Orbax),
+    metrics.jsonl, config.json, labels.json, model/ (`load_bilstm`) and eval.json, whose keys
+    are `kdjax.engine.run.evaluate_student`'s (student_layers=1, student_hidden=LSTM width)
+    plus augmented_examples, augmented_examples_per_s, transfer_examples and
+    teacher_labelling_seconds.
+    """
+
+    NAME = "bilstm"
+
+    def start(self) -> None:
+        run, config = self.run, self.run.config
+        check_config(config, run.methods)
+        stage = config[config.stages[0]]
+        self.spec = spec = LossSpec.from_config(stage.loss, methods=run.methods,
+                                                student_layers=1, teacher_layers=1)
+        teacher_dirs, inputs = engine_run.start_task(config, run.workdir, progress=run.progress)
+        self.inputs = inputs
+        self.teachers = teachers = [hf.load_pretrained(str(d), dtype=config.teacher.dtype)[0]
+                                    for d in teacher_dirs]
+        engine_run.write_run_files(config, run.workdir, inputs.task.label_names)
+
+        # The transfer set: the labelled examples (plus the unlabelled rest of a few-labels
+        # run), then the augmented copies; without a teacher term, the labelled examples alone.
+        split = inputs.train
+        self.extra = extra = {"augmented_examples": 0, "augmented_examples_per_s": None,
+                              "transfer_examples": 0, "teacher_labelling_seconds": 0.0}
+        if spec.uses_teacher:
+            if config.data.unlabelled_rest and len(inputs.unlabelled_rest):
+                split = data.concatenate([split, inputs.unlabelled_rest])
+            if config.augment.method != "none":
+                source = inputs.task.splits["train"]
+                if config.data.train_limit:  # The labelled subset train.prepare_task chose.
+                    order = np.random.default_rng(config.data.subset_seed).permutation(
+                        len(source))
+                    source = [source[i] for i in np.sort(order[:config.data.train_limit])]
+                augmented, info = augmented_split(config, source, inputs.tokenizer, teachers[0],
+                                                  run.workdir / "cache")
+                extra.update(augmented_examples=info["augmented_examples"],
+                             augmented_examples_per_s=info["augmented_examples_per_s"])
+                split = data.concatenate([split, augmented])
+        extra["transfer_examples"] = len(split)
+
+        self.batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets,
+                                    shuffle=True, seed=config.train.seed)
+        if spec.uses_teacher:
+            # The step never runs the teacher, so its logits are always cached (teacher.cache
+            # cannot turn that off here); teacher.cache_dir picks where.
+            cache = teacher_cache.load_or_compute(
+                teacher_dirs, teachers, split, mesh=run.mesh,
+                cache_dir=teacher_cache.cache_directory(config, run.workdir),
+                batch_size=config.data.eval_batch_size, buckets=inputs.buckets,
+                teacher_dtype=config.teacher.dtype, max_gb=config.teacher.cache_max_gb,
+                description="the transfer set")
+            extra["teacher_labelling_seconds"] = _labelling_info(cache)["seconds"]
+            self.batcher = teacher_cache.CachedTeacherBatcher(self.batcher, cache)
+        self.student = build_student(config, teachers[0], inputs.task.num_labels,
+                                     inputs.tokenizer, inputs.task.label_names,
+                                     pair=inputs.task.is_pair)
+
+    def stage_names(self) -> tuple[str, ...]:
+        return (self.run.config.stages[0],)
+
+    def init_stage(self, name: str) -> engine_run.Stage:
+        run, config, batcher = self.run, self.run.config, self.batcher
+        stage = config[name]
+        total_steps = config.train.max_steps or max(
+            1, math.ceil(stage.epochs * batcher.num_batches))
+        optim_config = ml_collections.ConfigDict(config.optim.to_dict())
+        optim_config.lr = stage.lr or config.optim.lr
+        tx = make_optimizer(optim_config, train_embedding=config.student.train_embedding)
+        fsdp = config.train.get("fsdp", False)
+        state = sharding.place_state(train.TrainState.create(self.student, tx), run.mesh,
+                                     fsdp=fsdp)
+        step_fn = train.make_train_step(
+            run.mesh, functools.partial(bilstm_step, spec=self.spec), fsdp=fsdp,
+            grad_accum_steps=config.train.get("grad_accum_steps", 1))
+        print(f"stage {name}: {total_steps} steps over {len(batcher.split):,} examples "
+              f"({len(self.inputs.train):,} labelled), terms {self.spec.term_names}", flush=True)
+        return engine_run.Stage(name=name, state=state, loop_step=step_fn,
+                                total_steps=total_steps, batcher=batcher, spec=self.spec,
+                                lr_at=optax.constant_schedule(optim_config.lr),
+                                optim_config=optim_config)
+
+    def end_stage(self, name: str, state) -> None:
+        self.student = state.model()
+
+    def finish(self) -> dict:
+        run = self.run
+        return _finish(run.config, run.workdir, self.student, self.teachers, self.inputs,
+                       run.mesh, run.log, run.train_seconds, run.stages, run.measure_throughput,
+                       self.extra)
+
 
 
 def student_section() -> ml_collections.ConfigDict:
@@ -435,4 +450,4 @@ CONFIG_RULES = (
 ) + tuple((f"augment.{p}", lambda v: 0 <= v <= 1, "must be in [0, 1]")
           for p in ("p_mask", "p_pos", "p_ng", "p_t"))
 
-RUN = RunMethod(name="bilstm", run=distill_bilstm)
+RUN = BiLSTMRun

@@ -20,8 +20,8 @@ student starts from the teacher's first layers. One step (`newsbert_step`):
 The teacher's single forward pass serves both its own loss and the student's targets (METHODS.md:
 compute it once per batch), so the targets carry the teacher's training-time dropout.
 
-`distill_newsbert` is the run (`config.method = "newsbert"`, see configs/newsbert.py): it writes
-the usual distillation workdir (config.json, labels.json, metrics.jsonl, stages/joint/checkpoints,
+`NewsBertRun` is its student and update for the engine's one run (`config.method = "newsbert"`,
+see configs/newsbert.py): it writes the usual distillation workdir (config.json, labels.json, metrics.jsonl, stages/joint/checkpoints,
 model/ = the student, eval.json) plus teacher_model/, the jointly fine-tuned teacher.
 
 Reference: Wu et al. 2021, NewsBERT: Distilling Pre-trained Language Model for Intelligent News
@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import pathlib
 from typing import Callable, Sequence
 
 import jax
@@ -44,10 +43,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import data, hf, losses, optim, sharding, train
-from kdjax import metrics as metrics_lib
 from kdjax.engine import run as engine_run
 from kdjax.engine.loss import LossSpec, combined_loss
-from kdjax.engine.method import DistillError, RunMethod
+from kdjax.engine.method import DistillError, StudentRun
 from kdjax.engine.students import build_student, student_config
 from kdjax.methods.kd import KD
 from kdjax.methods.tinybert import TinyBERT
@@ -330,86 +328,87 @@ def _training_split(config, inputs: train.TaskInputs) -> data.EncodedSplit:
     return inputs.train
 
 
-def distill_newsbert(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                     methods=(), progress: bool = True, measure_throughput: bool = True) -> dict:
+class NewsBertRun(StudentRun):
     """Pretrained teacher + student from its first layers -> joint training -> evaluation ->
     both saved.
 
     Resumable: an interrupted run resumes from stages/joint/checkpoints. Writes config.json,
     labels.json, metrics.jsonl, model/ (the student), teacher_model/ (the jointly fine-tuned
-    teacher), both Hugging Face directories, and eval.json.
+    teacher), both Hugging Face directories, and eval.json, with the keys of every
+    distillation run (`kdjax.engine.run.evaluate_student`); `teacher_accuracy` is the jointly
+    trained teacher's dev accuracy.
 
-    Args:
-      config: configs/newsbert.py's config (`method = "newsbert"`).
-      workdir: the run directory.
-      measure_throughput: also time student and teacher inference on the dev split.
-
-    Returns:
-      The keys of every distillation run's eval.json (`kdjax.engine.run.evaluate_student`); `teacher_accuracy` is the jointly trained
-      teacher's dev accuracy.
-
-    Raises:
+    Raises (at `start`):
       DistillError: a student of another width, a depth not dividing the teacher's, or a
         teacher ensemble (teacher.seeds / teacher.extra), which joint training has no place for.
     """
-    workdir, mesh = train.start_run(config, workdir)
-    if len(config.teacher.seeds) != 1 or config.teacher.extra:
-        raise DistillError("newsbert trains one teacher jointly with the student; set one "
-                           "teacher.seeds entry and no teacher.extra")
-    # Refuse an impossible architecture before tokenising anything.
-    teacher_arch, _ = hf.read_config(hf.resolve_checkpoint(config.teacher.name))
-    cfg = config.student
-    student_arch = student_config(teacher_arch, layers=cfg.layers, hidden=cfg.hidden,
-                                          heads=cfg.heads, intermediate=cfg.intermediate)
-    check_architecture(student_arch, teacher_arch)
 
-    inputs = train.prepare_task(ml_collections.ConfigDict(
-        {"model": {"name": config.teacher.name}, "data": config.data.to_dict()}))
-    num_labels = inputs.task.num_labels
-    # The pretrained checkpoint: fine-tuned by the joint training itself, not beforehand.
-    teacher, report, _ = hf.load_pretrained(str(inputs.checkpoint_dir), num_labels=num_labels,
-                                            dtype=config.teacher.dtype, seed=config.train.seed)
-    print(report.summary(), flush=True)
-    student = build_student(config, teacher, num_labels, mlm_head=False)
-    pair = NewsBertPair(teacher, student)
-    del teacher, student
-    engine_run.write_run_files(config, workdir, inputs.task.label_names)
-    log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
+    NAME = "newsbert"
 
-    split = _training_split(config, inputs)
-    batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets, shuffle=True,
-                           seed=config.train.seed)
-    total_steps = config.train.max_steps or max(
-        1, math.ceil(config.newsbert.epochs * batcher.num_batches))
-    spec = NewsBertSpec.from_config(config.newsbert,
-                                    student_layers=pair.student.config.num_hidden_layers,
-                                    teacher_layers=pair.teacher.config.num_hidden_layers,
-                                    total_steps=total_steps)
-    tx = optim.make_optimizer(config.optim, total_steps)
-    fsdp = config.train.get("fsdp", False)
-    state = sharding.place_state(train.TrainState.create(pair, tx), mesh, fsdp=fsdp)
-    del pair
-    print(f"newsbert: {total_steps} joint steps over {len(split)} examples, block K = "
-          f"{spec.block}, beta = {spec.beta}", flush=True)
-    run = train.train_loop(
-        state, make_newsbert_step(mesh, spec, fsdp=fsdp,
-                                  grad_accum_steps=config.train.get("grad_accum_steps", 1)),
-        batcher, total_steps=total_steps,
-        train_config=config.train, checkpoint_dir=workdir / "stages" / "joint" / "checkpoints",
-        log=log, mesh=mesh, dropout_key=sharding.replicate(jax.random.key(config.train.seed),
-                                                           mesh),
-        lr_at=optim.warmup_linear_decay(config.optim.lr, total_steps, config.optim.warmup_ratio),
-        progress=progress, description="joint")
-    if not run.finished:
-        return {"finished": False, "stage": "joint", "steps": run.steps}
-    pair = run.state.model()
-    hf.save_pretrained(pair.teacher, workdir / "teacher_model",
-                       label_names=inputs.task.label_names, tokenizer=inputs.tokenizer,
-                       extra={"kdjax_config": config.to_dict(),
-                              "role": "newsbert teacher, trained jointly with model/"})
-    stages = {"joint": {"steps": run.steps, "train_seconds": run.train_seconds}}
-    return engine_run.finish(config, workdir, pair.student, [pair.teacher], inputs, mesh, log,
-                             run.train_seconds, stages, measure_throughput)
+    def start(self) -> None:
+        run, config = self.run, self.run.config
+        if len(config.teacher.seeds) != 1 or config.teacher.extra:
+            raise DistillError("newsbert trains one teacher jointly with the student; set one "
+                               "teacher.seeds entry and no teacher.extra")
+        # Refuse an impossible architecture before tokenising anything.
+        teacher_arch, _ = hf.read_config(hf.resolve_checkpoint(config.teacher.name))
+        cfg = config.student
+        student_arch = student_config(teacher_arch, layers=cfg.layers, hidden=cfg.hidden,
+                                      heads=cfg.heads, intermediate=cfg.intermediate)
+        check_architecture(student_arch, teacher_arch)
+
+        self.inputs = inputs = train.prepare_task(ml_collections.ConfigDict(
+            {"model": {"name": config.teacher.name}, "data": config.data.to_dict()}))
+        num_labels = inputs.task.num_labels
+        # The pretrained checkpoint: fine-tuned by the joint training itself, not beforehand.
+        teacher, report, _ = hf.load_pretrained(str(inputs.checkpoint_dir),
+                                                num_labels=num_labels,
+                                                dtype=config.teacher.dtype,
+                                                seed=config.train.seed)
+        print(report.summary(), flush=True)
+        student = build_student(config, teacher, num_labels, mlm_head=False)
+        self.pair = NewsBertPair(teacher, student)
+        engine_run.write_run_files(config, run.workdir, inputs.task.label_names)
+
+    def stage_names(self) -> tuple[str, ...]:
+        return ("joint",)
+
+    def init_stage(self, name: str) -> engine_run.Stage:
+        run, config, pair = self.run, self.run.config, self.pair
+        split = _training_split(config, self.inputs)
+        batcher = data.Batcher(split, config.data.batch_size, buckets=self.inputs.buckets,
+                               shuffle=True, seed=config.train.seed)
+        total_steps = config.train.max_steps or max(
+            1, math.ceil(config.newsbert.epochs * batcher.num_batches))
+        spec = NewsBertSpec.from_config(config.newsbert,
+                                        student_layers=pair.student.config.num_hidden_layers,
+                                        teacher_layers=pair.teacher.config.num_hidden_layers,
+                                        total_steps=total_steps)
+        tx = optim.make_optimizer(config.optim, total_steps)
+        fsdp = config.train.get("fsdp", False)
+        state = sharding.place_state(train.TrainState.create(pair, tx), run.mesh, fsdp=fsdp)
+        self.pair = None  # The state holds the parameters now.
+        print(f"newsbert: {total_steps} joint steps over {len(split)} examples, block K = "
+              f"{spec.block}, beta = {spec.beta}", flush=True)
+        step = make_newsbert_step(run.mesh, spec, fsdp=fsdp,
+                                  grad_accum_steps=config.train.get("grad_accum_steps", 1))
+        return engine_run.Stage(
+            name=name, state=state, loop_step=step, total_steps=total_steps, batcher=batcher,
+            lr_at=optim.warmup_linear_decay(config.optim.lr, total_steps,
+                                            config.optim.warmup_ratio))
+
+    def end_stage(self, name: str, state) -> None:
+        self.pair = state.model()
+
+    def finish(self) -> dict:
+        run, pair, inputs = self.run, self.pair, self.inputs
+        hf.save_pretrained(pair.teacher, run.workdir / "teacher_model",
+                           label_names=inputs.task.label_names, tokenizer=inputs.tokenizer,
+                           extra={"kdjax_config": run.config.to_dict(),
+                                  "role": "newsbert teacher, trained jointly with model/"})
+        return engine_run.finish(run.config, run.workdir, pair.student, [pair.teacher], inputs,
+                                 run.mesh, run.log, run.train_seconds, run.stages,
+                                 run.measure_throughput)
 
 
 def section(*, labelled_repeats: int = 1) -> ml_collections.ConfigDict:
@@ -449,4 +448,4 @@ CONFIG_RULES = (
 ) + tuple((f"newsbert.{term}", lambda v: v >= 0, "must be >= 0 (0 = off)")
           for term in ("teacher_ce", "embedding", "hidden", "pooled", "soft_ce", "ce"))
 
-RUN = RunMethod(name="newsbert", run=distill_newsbert)
+RUN = NewsBertRun

@@ -1,6 +1,6 @@
 """The distilled BiLSTM on tiny models: the LSTM against torch.nn.LSTM, padding invariance, pair
 features, the jitted step (one trace on 8 devices, loss goes down, teacher untouched), the
-teacher-label cache, save/load, config refusals, and end-to-end `distill_bilstm` runs."""
+teacher-label cache, save/load, config refusals, and end-to-end BiLSTM runs."""
 
 import functools
 import json
