@@ -215,7 +215,7 @@ def mlm_cross_entropy(mlm_logits: jax.Array, target_ids: jax.Array,
 
 
 # ------------------------------------------------------------------------------------------------
-# Adversarial losses (KDABert, kdjax/adversarial.py). A discriminator D scores a feature vector
+# Adversarial losses (KDABert, kdjax/methods/kdabert.py). A discriminator D scores a feature vector
 # with one logit; teacher features are "real" (target 1), student features "fake" (target 0).
 # Each function takes D's logits per example ([B], one layer) and returns [B].
 #

@@ -191,7 +191,7 @@ def distill_config(setting: str | None = "half_depth", *,
 
 def bilstm_config(augment: str = "tang", *, teacher_terms: bool = True,
                   ) -> ml_collections.ConfigDict:
-    """Distilled BiLSTM (Tang et al. 2019; kdjax/bilstm.py): the distillation sections with a
+    """Distilled BiLSTM (Tang et al. 2019; kdjax/methods/bilstm.py): the distillation sections with a
     BiLSTM `student`, Adadelta `optim`, an `augment` section and one `distill` stage.
 
     Args:
