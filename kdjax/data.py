@@ -26,6 +26,7 @@ import math
 import os
 import pathlib
 import re
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -71,6 +72,12 @@ GLUE_TASKS: dict[str, tuple[tuple[str, ...], str]] = {
     "wnli": (("sentence1", "sentence2"), "validation"),
 }
 
+# GLUE tasks whose distributed TSVs have no header row: their column names, in file order (as
+# transformers' GLUE processors read them: CoLA's sentence is column 3, its label column 1).
+GLUE_HEADERLESS: dict[str, tuple[str, ...]] = {
+    "cola": ("source", "label", "original_mark", "sentence"),
+}
+
 _SPLITS = ("train", "dev")
 _FORMATS = (".tsv", ".csv", ".jsonl")
 _INT_RE = re.compile(r"[+-]?\d+")
@@ -86,12 +93,14 @@ def read_examples(
     label_column: str | None,
     *,
     label_names: list[str] | None = None,
+    header: Sequence[str] | None = None,
 ) -> tuple[list[Example], list[str]]:
     """Reads examples from a .tsv, .csv or .jsonl file.
 
-    The format follows the extension. TSV and CSV files start with a header row; TSV is read with
-    no quote handling because GLUE TSVs contain bare quote characters. Line numbers in errors are
-    the file's physical lines (the header is line 1), so they can be opened in an editor.
+    The format follows the extension. TSV and CSV files start with a header row unless `header`
+    names their columns; TSV is read with no quote handling because GLUE TSVs contain bare quote
+    characters. Line numbers in errors are the file's physical lines (a header is line 1), so
+    they can be opened in an editor.
 
     Args:
       path: the file.
@@ -101,6 +110,8 @@ def read_examples(
       label_names: an existing label map (e.g. the training file's, when reading the dev file).
         None builds one from this file's labels: ordered by integer value when every label is an
         integer, else sorted as strings.
+      header: the column names of a TSV or CSV file that has no header row (GLUE's CoLA); None
+        reads them from the first row.
 
     Returns:
       The examples and the label map (`label_names`, or the one built; [] when unlabelled and none
@@ -126,7 +137,7 @@ def read_examples(
     if suffix == ".jsonl":
         rows = _jsonl_rows(path, lines, columns)
     else:
-        rows = _delimited_rows(path, lines, columns, "\t" if suffix == ".tsv" else ",")
+        rows = _delimited_rows(path, lines, columns, "\t" if suffix == ".tsv" else ",", header)
     if not rows:
         raise DataError(f"{path}: no data rows")
 
@@ -169,8 +180,10 @@ def _decode_lines(path: pathlib.Path) -> list[str]:
 
 
 def _delimited_rows(path: pathlib.Path, lines: list[str], columns: tuple[str, ...],
-                    delimiter: str) -> list[tuple[int, list[str]]]:
-    """(line number, values of `columns`) for each data row of a TSV or CSV file."""
+                    delimiter: str, header: Sequence[str] | None = None
+                    ) -> list[tuple[int, list[str]]]:
+    """(line number, values of `columns`) for each data row of a TSV or CSV file; `header`
+    names the columns of a file without a header row."""
     if delimiter == "\t":
         reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
@@ -185,14 +198,18 @@ def _delimited_rows(path: pathlib.Path, lines: list[str], columns: tuple[str, ..
     except csv.Error as e:
         raise DataError(f"{path} line {line_no}: malformed line ({e})") from None
     records = [(n, r) for n, r in records if r]  # blank lines
-    if not records:
-        raise DataError(f"{path}: empty file (no header row)")
-
-    (_, header), data = records[0], records[1:]
+    if header is None:
+        if not records:
+            raise DataError(f"{path}: empty file (no header row)")
+        (_, header), data = records[0], records[1:]
+        where = f"{path} line 1"
+    else:
+        data = records
+        where = f"{path} (a file without a header row)"
     header = [name.strip() for name in header]
     missing = [c for c in columns if c not in header]
     if missing:
-        raise DataError(f"{path} line 1: missing column {missing[0]!r} "
+        raise DataError(f"{where}: missing column {missing[0]!r} "
                         f"(columns present: {header})")
     positions = [header.index(c) for c in columns]
     rows = []
@@ -200,8 +217,8 @@ def _delimited_rows(path: pathlib.Path, lines: list[str], columns: tuple[str, ..
         # A wrong field count means a stray delimiter inside a text, which shifts every column
         # after it; reading on would pair texts with the wrong labels.
         if len(record) != len(header):
-            raise DataError(f"{path} line {line_no}: {len(record)} fields, but the header has "
-                            f"{len(header)} ({header})")
+            raise DataError(f"{path} line {line_no}: {len(record)} fields, but the file has "
+                            f"{len(header)} columns ({header})")
         rows.append((line_no, [record[p] for p in positions]))
     return rows
 
@@ -359,19 +376,22 @@ def load_task(
     local = find_local_glue_dir(name)
     if local is not None:
         files = {"train": str(local / "train.tsv"), "dev": str(local / "dev.tsv")}
-        return _load_files(name, files, columns, "label", splits)
+        return _load_files(name, files, columns, "label", splits,
+                           header=GLUE_HEADERLESS.get(name))
     return _load_glue_hub(name, splits)
 
 
 def _load_files(name: str, files: dict[str, str], text_columns: tuple[str, ...],
-                label_column: str | None, splits: tuple[str, ...]) -> TaskData:
+                label_column: str | None, splits: tuple[str, ...],
+                header: tuple[str, ...] | None = None) -> TaskData:
     label_names = None
     loaded = {}
     if files["train"]:
-        loaded["train"], label_names = read_examples(files["train"], text_columns, label_column)
+        loaded["train"], label_names = read_examples(files["train"], text_columns, label_column,
+                                                     header=header)
     if "dev" in splits:
         loaded["dev"], label_names = read_examples(files["dev"], text_columns, label_column,
-                                                   label_names=label_names)
+                                                   label_names=label_names, header=header)
     return TaskData(name=name, label_names=label_names,
                     splits={split: loaded[split] for split in splits},
                     is_pair=len(text_columns) == 2)
@@ -450,7 +470,8 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
       examples: all single sentences or all pairs.
       tokenizer: a Hugging Face tokenizer (fast preferred) with a pad token.
       max_length: tokens per row, including [CLS]/[SEP]; longer inputs are truncated (pairs
-        'longest_first', trimming the longer text first).
+        'longest_first', trimming the longer text first), with a warning saying how many were
+        and which max_length would keep 99 % of them whole.
 
     Returns:
       The EncodedSplit, rows in the order of `examples`.
@@ -485,7 +506,38 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
     token_type_ids[real] = np.concatenate(
         [np.asarray(t, np.int32) for t in out["token_type_ids"]])
     labels = np.fromiter((e.label for e in examples), np.int32, count=n)
+    _warn_if_truncated(examples, tokenizer, max_length, lengths, is_pair)
     return EncodedSplit(input_ids, token_type_ids, lengths, labels)
+
+
+def untruncated_lengths(examples: list[Example], tokenizer, max_length: int,
+                        lengths: np.ndarray) -> np.ndarray:
+    """Token counts before truncation: only the rows that reached `max_length` are tokenised
+    again (whole), so the check costs little when few examples are long."""
+    full = np.asarray(lengths, np.int64).copy()
+    at_cap = np.flatnonzero(full >= max_length)
+    if len(at_cap):
+        is_pair = examples[0].text_b is not None
+        out = tokenizer([examples[i].text_a for i in at_cap],
+                        [examples[i].text_b for i in at_cap] if is_pair else None,
+                        truncation=False, padding=False, return_attention_mask=False,
+                        return_token_type_ids=False, verbose=False)
+        full[at_cap] = [len(ids) for ids in out["input_ids"]]
+    return full
+
+
+def _warn_if_truncated(examples, tokenizer, max_length, lengths, is_pair) -> None:
+    full = untruncated_lengths(examples, tokenizer, max_length, lengths)
+    truncated = int(np.sum(full > max_length))
+    if truncated:
+        # Silently cutting a fifth of a pair task's inputs was a real failure of the defaults.
+        keep_99 = int(np.ceil(np.percentile(full, 99)))
+        kind = "pairs" if is_pair else "examples"
+        warnings.warn(
+            f"{truncated} of {len(full)} {kind} ({100 * truncated / len(full):.3g} %) are longer "
+            f"than data.max_length={max_length} tokens and were truncated (longest: "
+            f"{int(full.max())}); data.max_length={keep_99} keeps 99 % of them whole",
+            stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------

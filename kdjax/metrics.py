@@ -11,7 +11,12 @@ import numpy as np
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
                            num_labels: int) -> dict[str, float]:
-    """Accuracy, plus F1 of class 1 for two classes and macro-F1 for more.
+    """Accuracy and Matthews correlation, plus F1 of class 1 for two classes and macro-F1 for
+    more.
+
+    Matthews correlation is GLUE's CoLA metric; for more than two classes it is Gorodkin's
+    generalisation (the one scikit-learn computes), and 0 where it is undefined (one class
+    predicted or present), as scikit-learn reports it.
 
     Args:
       predictions: [N] predicted class indices.
@@ -26,11 +31,25 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
         fp = np.sum((predictions == c) & (labels != c))
         fn = np.sum((predictions != c) & (labels == c))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    result["mcc"] = matthews_correlation(predictions, labels, num_labels)
     if num_labels == 2:
         result["f1"] = float(f1s[1])
     else:
         result["macro_f1"] = float(np.mean(f1s))
     return result
+
+
+def matthews_correlation(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+    """Matthews correlation from the confusion matrix (float64, so large N cannot overflow)."""
+    confusion = np.zeros((num_labels, num_labels), np.float64)
+    np.add.at(confusion, (np.asarray(labels), np.asarray(predictions)), 1.0)
+    n = confusion.sum()
+    correct = np.trace(confusion)
+    true_counts, predicted_counts = confusion.sum(axis=1), confusion.sum(axis=0)
+    numerator = correct * n - predicted_counts @ true_counts
+    denominator = np.sqrt((n * n - predicted_counts @ predicted_counts)
+                          * (n * n - true_counts @ true_counts))
+    return float(numerator / denominator) if denominator > 0 else 0.0
 
 
 class MetricLog:

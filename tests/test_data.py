@@ -125,7 +125,7 @@ def test_wrong_number_of_text_columns(tmp_path):
 
 def test_stray_delimiter_is_an_error(tmp_path):
     path = _write(tmp_path / "t.tsv", "sentence\tlabel\nok\t1\na\ttab inside\t0\n")
-    with pytest.raises(DataError, match=r"t\.tsv line 3: 3 fields, but the header has 2"):
+    with pytest.raises(DataError, match=r"t\.tsv line 3: 3 fields, but the file has 2 columns"):
         data.read_examples(path, ["sentence"], "label")
 
 
@@ -171,6 +171,52 @@ def test_find_local_glue_dir_prefers_env(tmp_path, monkeypatch):
     task = data.load_task("RTE")
     assert task.is_pair and task.label_names == ["entailment", "not_entailment"]
     assert task.splits["dev"][1] == Example("c", "d", 1)
+
+
+def test_headerless_tsv_named_by_header(tmp_path):
+    # CoLA's layout: no header row, four columns, the label in column 1, the text in column 3.
+    path = _write(tmp_path / "train.tsv",
+                  'gj04\t1\t\tOur friends won\'t buy "this" analysis.\nclc95\t0\t*\tThey drank.\n')
+    examples, labels = data.read_examples(path, ["sentence"], "label",
+                                          header=data.GLUE_HEADERLESS["cola"])
+    assert labels == ["0", "1"]
+    assert examples == [Example('Our friends won\'t buy "this" analysis.', None, 1),
+                        Example("They drank.", None, 0)]
+    # Read as if it had a header, the first sentence would have become column names.
+    with pytest.raises(DataError, match=r"line 1: missing column 'sentence'"):
+        data.read_examples(path, ["sentence"], "label")
+    bad = _write(tmp_path / "bad.tsv", "gj04\t1\t\tok\nclc95\t0\tno mark column\n")
+    with pytest.raises(DataError, match=r"bad\.tsv line 2: 3 fields, but the file has 4 columns"):
+        data.read_examples(bad, ["sentence"], "label", header=data.GLUE_HEADERLESS["cola"])
+
+
+def _shared_glue(task):
+    local = data.find_local_glue_dir(task)
+    if local is None:
+        pytest.skip(f"no local GLUE {task} copy (../shared/data/{task})")
+    return local
+
+
+def test_local_cola_as_glue_distributes_it():
+    _shared_glue("cola")
+    task = data.load_task("cola")
+    train, dev = task.splits["train"], task.splits["dev"]
+    # Counts from ../shared/data/README.md (GLUE's own figures).
+    assert (len(train), len(dev)) == (8551, 1043)
+    assert task.label_names == ["0", "1"] and not task.is_pair
+    assert sum(e.label for e in train) == 6023 and sum(e.label for e in dev) == 721
+    assert all(e.text_a and e.text_b is None for e in train)
+
+
+def test_local_rte_keeps_quote_characters():
+    local = _shared_glue("rte")
+    task = data.load_task("rte")
+    train, dev = task.splits["train"], task.splits["dev"]
+    assert (len(train), len(dev)) == (2490, 277) and task.is_pair
+    assert task.label_names == ["entailment", "not_entailment"]  # the hub's ClassLabel order
+    raw = (local / "train.tsv").read_text(encoding="utf-8")
+    quoted = [e for e in train if '"' in e.text_a + e.text_b]
+    assert quoted and raw.count('"') == sum((e.text_a + e.text_b).count('"') for e in train)
 
 
 def test_stsb_rejected():
@@ -251,7 +297,11 @@ def test_encode_matches_tokenizer(tokenizer, pair):
     others = ["and its partner", "second text here", "x"]
     examples = [Example(a, b if pair else None, i) for i, (a, b) in enumerate(zip(texts, others))]
     max_length = 12
-    enc = data.encode(examples, tokenizer, max_length)
+    whole = [len(ids) for ids in tokenizer(texts, others if pair else None)["input_ids"]]
+    # The long one is truncated, and the warning says so with the untruncated count.
+    with pytest.warns(UserWarning, match=rf"1 of 3 {'pairs' if pair else 'examples'} \(33\.3 %\) "
+                      rf"are longer than data.max_length=12 tokens .*longest: {max(whole)}\)"):
+        enc = data.encode(examples, tokenizer, max_length)
     ref = tokenizer(texts, others if pair else None, truncation="longest_first",
                     max_length=max_length)
     assert enc.input_ids.shape == (3, max_length) and enc.input_ids.dtype == np.int32
@@ -264,6 +314,23 @@ def test_encode_matches_tokenizer(tokenizer, pair):
     assert enc.labels.tolist() == [0, 1, 2]
     sub = enc.subset([2, 0])
     assert len(sub) == 2 and sub.lengths.tolist() == [enc.lengths[2], enc.lengths[0]]
+
+
+@pytest.mark.slow
+def test_encode_warns_only_when_something_is_cut(tokenizer, recwarn):
+    texts = ["one two three", "a b c d e f g h i j k l m n o p"]
+    whole = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    # Exactly at the cap is not truncated: no warning.
+    data.encode([Example(t, None, 0) for t in texts], tokenizer, max(whole))
+    assert not [w for w in recwarn if "truncated" in str(w.message)]
+    lengths = data.encode([Example(t, None, 0) for t in texts], tokenizer, 4).lengths
+    assert data.untruncated_lengths([Example(t, None, 0) for t in texts], tokenizer, 4,
+                                    lengths).tolist() == whole
+    message = [str(w.message) for w in recwarn if "truncated" in str(w.message)]
+    # 99th percentile of the two whole lengths, rounded up (numpy's linear interpolation).
+    keep_99 = int(np.ceil(np.percentile(whole, 99)))
+    assert len(message) == 1 and "2 of 2 examples (100 %)" in message[0]
+    assert f"data.max_length={keep_99} keeps 99 %" in message[0]
 
 
 # ------------------------------------------------------------------------------------------------

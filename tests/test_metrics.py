@@ -17,3 +17,27 @@ def test_macro_f1_by_hand():
     m = classification_metrics(preds, labels, 3)
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["macro_f1"] == pytest.approx(0.5)
+
+
+def test_binary_mcc_by_hand():
+    # preds [1,1,0,1,0] vs labels [1,0,0,1,1]: tp 2, tn 1, fp 1, fn 1
+    # -> (2*1 - 1*1) / sqrt(3 * 3 * 2 * 2) = 1 / 6.
+    m = classification_metrics(np.array([1, 1, 0, 1, 0]), np.array([1, 0, 0, 1, 1]), 2)
+    assert m["mcc"] == pytest.approx(1 / 6)
+
+
+def test_multiclass_mcc_by_hand():
+    # preds [0,1,2,2] vs labels [0,2,2,1]: N 4, correct 2, true counts (1,1,2), predicted
+    # counts (1,1,2) -> (2*4 - 6) / sqrt((16 - 6) * (16 - 6)) = 2 / 10.
+    m = classification_metrics(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1]), 3)
+    assert m["mcc"] == pytest.approx(0.2)
+
+
+def test_mcc_is_zero_when_one_class_is_predicted():
+    # CoLA's failure mode: a student that calls every sentence acceptable has MCC 0, whatever
+    # its accuracy (69 % on CoLA dev).
+    labels = np.array([1, 1, 1, 0, 1, 0, 1])
+    m = classification_metrics(np.ones_like(labels), labels, 2)
+    assert m["mcc"] == 0.0 and m["accuracy"] == pytest.approx(5 / 7)
+    assert classification_metrics(labels, labels, 2)["mcc"] == pytest.approx(1.0)
+    assert classification_metrics(1 - labels, labels, 2)["mcc"] == pytest.approx(-1.0)
