@@ -78,6 +78,16 @@ GLUE_HEADERLESS: dict[str, tuple[str, ...]] = {
     "cola": ("source", "label", "original_mark", "sentence"),
 }
 
+# The metric a task is judged by (GLUE's: Matthews correlation for CoLA); accuracy elsewhere.
+# Every evaluation reports accuracy, mcc and F1; this names the headline one.
+TASK_METRIC: dict[str, str] = {"cola": "mcc"}
+
+
+def task_metric(task: str) -> str:
+    """The headline metric of a task: "mcc" for CoLA, else "accuracy"."""
+    return TASK_METRIC.get(task.lower().replace("-", ""), "accuracy")
+
+
 _SPLITS = ("train", "dev")
 _FORMATS = (".tsv", ".csv", ".jsonl")
 _INT_RE = re.compile(r"[+-]?\d+")

@@ -208,6 +208,12 @@ def test_local_cola_as_glue_distributes_it():
     assert all(e.text_a and e.text_b is None for e in train)
 
 
+def test_task_metric():
+    assert data.task_metric("CoLA") == "mcc" and data.task_metric("cola") == "mcc"
+    assert data.task_metric("sst2") == data.task_metric("rte") == data.task_metric("mine") \
+        == "accuracy"
+
+
 def test_local_rte_keeps_quote_characters():
     local = _shared_glue("rte")
     task = data.load_task("rte")

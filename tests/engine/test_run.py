@@ -27,6 +27,10 @@ def test_distill_end_to_end_fine_tunes_the_teacher_then_saves_a_student(tmp_path
     assert (tmp_path / "run" / "teacher-seed0" / "model" / "model.safetensors").is_file()
     assert result["teacher_accuracy"] > 0.8  # The toy task is learnable.
     assert result["accuracy"] > 0.7 and result["student_layers"] == 1
+    # The headline metric of a non-GLUE task is accuracy; mcc is reported beside it.
+    assert result["metric"] == "accuracy" and result["dev_metric"] == result["accuracy"]
+    assert result["teacher_dev_metric"] == result["teacher_metrics"]["accuracy"]
+    assert -1.0 <= result["mcc"] <= 1.0 and "mcc" in result["teacher_metrics"]
     # The exported student is a plain HF classifier that reproduces the reported accuracy.
     saved = train.evaluate_saved_model(tmp_path / "run" / "model", config_lib.apply_overrides(
         config_lib.load_config(str(REPO_ROOT / "configs" / "finetune.py")),
