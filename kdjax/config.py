@@ -61,6 +61,7 @@ def data_config() -> ml_collections.ConfigDict:
     data.dev_file = ""
     data.text_columns = ("sentence",)  # One column, or two for sentence pairs.
     data.label_column = "label"
+    # Tokens per example; 0 = the smallest length bucket holding 99 % of the training set whole.
     data.max_length = 64
     data.buckets = ()  # Padded lengths jit compiles for; () = the default ladder.
     data.batch_size = 32
@@ -174,7 +175,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optim.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optim.eps", lambda v: v > 0, "must be > 0"),
-    ("data.max_length", lambda v: 2 <= v <= 512, "must be in [2, 512]"),
+    ("data.max_length", lambda v: v == 0 or 2 <= v <= 512, "must be 0 (auto) or in [2, 512]"),
     ("data.batch_size", lambda v: v >= 1, "must be >= 1"),
     ("data.eval_batch_size", lambda v: v >= 1, "must be >= 1"),
     ("data.train_limit", lambda v: v >= 0, "must be >= 0 (0 = all)"),

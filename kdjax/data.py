@@ -470,7 +470,8 @@ def without_labels(split: EncodedSplit) -> EncodedSplit:
     return dataclasses.replace(split, labels=np.full_like(split.labels, -1))
 
 
-def encode(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
+def encode(examples: list[Example], tokenizer, max_length: int, *,
+           warn: bool = True) -> EncodedSplit:
     """Tokenises examples with the checkpoint's own tokenizer.
 
     One batched call (fast tokenizers parallelise it in Rust). Padding is done here rather than by
@@ -482,6 +483,7 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
       max_length: tokens per row, including [CLS]/[SEP]; longer inputs are truncated (pairs
         'longest_first', trimming the longer text first), with a warning saying how many were
         and which max_length would keep 99 % of them whole.
+      warn: False skips the truncation check and its warning.
 
     Returns:
       The EncodedSplit, rows in the order of `examples`.
@@ -516,7 +518,8 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
     token_type_ids[real] = np.concatenate(
         [np.asarray(t, np.int32) for t in out["token_type_ids"]])
     labels = np.fromiter((e.label for e in examples), np.int32, count=n)
-    _warn_if_truncated(examples, tokenizer, max_length, lengths, is_pair)
+    if warn:
+        _warn_if_truncated(examples, tokenizer, max_length, lengths, is_pair)
     return EncodedSplit(input_ids, token_type_ids, lengths, labels)
 
 
@@ -534,6 +537,25 @@ def untruncated_lengths(examples: list[Example], tokenizer, max_length: int,
                         return_token_type_ids=False, verbose=False)
         full[at_cap] = [len(ids) for ids in out["input_ids"]]
     return full
+
+
+def covering_length(examples: list[Example], tokenizer, cap: int, fraction: float = 0.99,
+                    widths: Sequence[int] = ()) -> tuple[int, float]:
+    """The smallest of `widths` (default: `default_buckets(cap)`) that holds `fraction` of
+    `examples` whole, and the fraction it does hold; the largest width up to `cap` when none
+    does.
+
+    This is `data.max_length=0`: the width follows the task (SST-2 and CoLA fit in 48 and 32
+    tokens, RTE's pairs need 256), not one number that silently cuts a pair task's inputs.
+    """
+    lengths = untruncated_lengths(examples, tokenizer, cap,
+                                  encode(examples, tokenizer, cap, warn=False).lengths)
+    widths = sorted(w for w in (widths or default_buckets(cap)) if w <= cap) or [cap]
+    for width in widths:
+        held = float(np.mean(lengths <= width))
+        if held >= fraction:
+            return width, held
+    return widths[-1], float(np.mean(lengths <= widths[-1]))
 
 
 def _warn_if_truncated(examples, tokenizer, max_length, lengths, is_pair) -> None:

@@ -320,9 +320,14 @@ class TaskInputs:
     train: data.EncodedSplit
     dev: data.EncodedSplit
     buckets: tuple[int, ...]
+    max_length: int  # data.max_length, resolved when 0 (auto)
     # Training examples left out by data.train_limit, labels removed (-1): the unlabelled
     # transfer set of a few-labels distillation run. Empty without a limit.
     unlabelled_rest: data.EncodedSplit | None = None
+
+
+# data.max_length=0 never picks more than BERT's 512 positions.
+_MAX_AUTO_LENGTH = 512
 
 
 def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
@@ -335,8 +340,16 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt_dir))
     task = data.load_task(cfg.task, train_file=cfg.train_file, dev_file=cfg.dev_file,
                           text_columns=tuple(cfg.text_columns), label_column=cfg.label_column)
-    train = data.encode(task.splits["train"], tokenizer, cfg.max_length)
-    dev = data.encode(task.splits["dev"], tokenizer, cfg.max_length)
+    max_length = cfg.max_length
+    if not max_length:
+        # Auto: the smallest length bucket that holds 99 % of the training examples whole.
+        cap = min(_MAX_AUTO_LENGTH, tokenizer.model_max_length)
+        max_length, held = data.covering_length(task.splits["train"], tokenizer, cap,
+                                                widths=tuple(cfg.buckets))
+        print(f"data.max_length=0 (auto): {max_length} tokens hold {100 * held:.2f} % of the "
+              f"training examples whole", flush=True)
+    train = data.encode(task.splits["train"], tokenizer, max_length)
+    dev = data.encode(task.splits["dev"], tokenizer, max_length)
     rest = train.subset(np.zeros(0, np.int64))
     if cfg.train_limit and cfg.train_limit < len(train):
         # A fixed, seeded subset, so "the first N" does not depend on file order.
@@ -345,8 +358,8 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
         train = train.subset(np.sort(order[:cfg.train_limit]))
     if cfg.dev_limit and cfg.dev_limit < len(dev):
         dev = dev.subset(np.arange(cfg.dev_limit))
-    buckets = tuple(cfg.buckets) or data.default_buckets(cfg.max_length)
-    return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets, rest)
+    buckets = tuple(cfg.buckets) or data.default_buckets(max_length)
+    return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets, max_length, rest)
 
 
 def total_train_steps(config: ml_collections.ConfigDict, batches_per_epoch: int) -> int:

@@ -451,3 +451,18 @@ def test_bucketing_cuts_padding_on_sst2(tokenizer):
     padded_lengths = [b["input_ids"].shape[1] for b in batcher.epoch(0)]
     assert len(padded_lengths) == batcher.num_batches == 2105
     assert np.mean(padded_lengths) < 0.5 * 64
+
+
+@pytest.mark.slow
+def test_covering_length_holds_99_percent(tokenizer):
+    # 100 examples: 98 short, 2 long. 99 % whole needs a width for the 99th example.
+    short, long_ = "one two three", " ".join(["word"] * 40)
+    examples = [Example(short, None, 0)] * 98 + [Example(long_, None, 0)] * 2
+    short_len, long_len = (len(tokenizer(t)["input_ids"]) for t in (short, long_))
+    width, held = data.covering_length(examples, tokenizer, 128)
+    assert width == min(b for b in data.default_buckets(128) if b >= long_len)
+    assert held == 1.0
+    width, held = data.covering_length(examples, tokenizer, 128, fraction=0.98)
+    assert width == min(b for b in data.default_buckets(128) if b >= short_len) and held == 0.98
+    # Given widths (data.buckets) are the candidates; none large enough -> the largest.
+    assert data.covering_length(examples, tokenizer, 128, widths=(8, 16)) == (16, 0.98)

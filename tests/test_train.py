@@ -173,3 +173,17 @@ def test_fine_tune_learns_the_toy_task_and_exports_for_pytorch(toy_config, tmp_p
 def test_batch_size_must_divide_over_devices():
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         sharding.check_batch_size(12, sharding.make_mesh(8))
+
+
+def test_auto_max_length_follows_the_training_lengths(toy_config, capsys):
+    from kdjax import data
+
+    config = config_lib.apply_overrides(toy_config, ["data.max_length=0"])
+    inputs = train.prepare_task(config)
+    whole = [len(ids) for ids in inputs.tokenizer(
+        [e.text_a for e in inputs.task.splits["train"]])["input_ids"]]
+    expected = min(b for b in data.default_buckets(512) if np.mean(np.array(whole) <= b) >= 0.99)
+    assert inputs.max_length == expected < 64
+    assert inputs.train.input_ids.shape[1] == inputs.dev.input_ids.shape[1] == expected
+    assert max(inputs.buckets) == expected
+    assert f"data.max_length=0 (auto): {expected} tokens" in capsys.readouterr().out

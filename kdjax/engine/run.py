@@ -138,7 +138,7 @@ def stage_split(config, stage, inputs: train.TaskInputs, *,
             examples = [data.Example(ln, None, -1) for ln in lines if ln]
             if not examples:
                 raise data.DataError(f"{path} has no non-empty line")
-            return data.encode(examples, inputs.tokenizer, config.data.max_length)
+            return data.encode(examples, inputs.tokenizer, inputs.max_length)
         return data.without_labels(data.concatenate([inputs.train, inputs.unlabelled_rest]))
     if stage.data != "train":
         raise DistillError(f"a stage's data must be train or unlabelled, got {stage.data!r}")

@@ -163,7 +163,7 @@ def _labelling_info(cache: teacher_cache.TeacherCache) -> dict:
 
 
 def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Example], tokenizer,
-                    teacher: BertClassifier, cache_dir: pathlib.Path,
+                    teacher: BertClassifier, cache_dir: pathlib.Path, max_length: int,
                     ) -> tuple[data.EncodedSplit, dict]:
     """The augmented examples of `config.augment` (label -1), tokenised; cached in
     `cache_dir/augmented-HASH.npz`, HASH covering the examples, the augment section, the
@@ -177,7 +177,7 @@ def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Examp
     embeddings = None
     if cfg.method == "tinybert":
         embeddings = np.asarray(teacher.bert.embeddings.word_embeddings.embedding[...])
-    key = teacher_cache.digest(cfg.to_dict(), config.data.max_length,
+    key = teacher_cache.digest(cfg.to_dict(), max_length,
                                sorted(tokenizer.get_vocab().items()),
                                [(e.text_a, e.text_b) for e in examples],
                                embeddings if embeddings is not None else b"")
@@ -202,7 +202,7 @@ def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Examp
     result = augment_lib.augment(examples, make, n_iter=cfg.n_iter,
                                  max_examples=cfg.max_examples, seed=cfg.seed,
                                  pair_sides=cfg.pair_sides)
-    split = data.encode(result.examples, tokenizer, config.data.max_length)
+    split = data.encode(result.examples, tokenizer, max_length)
     info = {"augmented_examples": len(result.examples),
             "augmented_examples_per_s": result.examples_per_s,
             "augment_seconds": result.seconds, "augment_rounds": result.rounds}
@@ -331,7 +331,7 @@ class BiLSTMRun(StudentRun):
                         len(source))
                     source = [source[i] for i in np.sort(order[:config.data.train_limit])]
                 augmented, info = augmented_split(config, source, inputs.tokenizer, teachers[0],
-                                                  run.workdir / "cache")
+                                                  run.workdir / "cache", inputs.max_length)
                 extra.update(augmented_examples=info["augmented_examples"],
                              augmented_examples_per_s=info["augmented_examples_per_s"])
                 split = data.concatenate([split, augmented])
