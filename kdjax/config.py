@@ -175,7 +175,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optim.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optim.eps", lambda v: v > 0, "must be > 0"),
-    ("data.max_length", lambda v: v == 0 or 2 <= v <= 512, "must be 0 (auto) or in [2, 512]"),
+    ("data.max_length", lambda v: v == 0 or 2 <= v <= 512, "must be 0 for auto, or in [2, 512]"),
     ("data.batch_size", lambda v: v >= 1, "must be >= 1"),
     ("data.eval_batch_size", lambda v: v >= 1, "must be >= 1"),
     ("data.train_limit", lambda v: v >= 0, "must be >= 0 (0 = all)"),

@@ -36,7 +36,7 @@ def test_overrides_are_typed():
     ("--config.optim.lr=fast", "config key 'optim.lr' expects float"),
     ("--config.optim=1", "config key 'optim' is a section"),
     ("--config.optim.lr=-1e-4", "config key 'optim.lr' must be > 0"),
-    ("--config.data.max_length=1024", "config key 'data.max_length' must be in"),
+    ("--config.data.max_length=1024", "config key 'data.max_length' must be 0 for auto, or in"),
     ("--config.train.epochs=0", "config key 'train.epochs' must be > 0"),
     ("--config.model.dtype=float16", "config key 'model.dtype' must be"),
     ("--config.data.buckets=(16,32)", "config key 'data.buckets' must reach data.max_length"),
