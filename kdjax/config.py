@@ -42,6 +42,9 @@ def finetune_config() -> ml_collections.ConfigDict:
     config.train.log_every = 50
     config.train.checkpoint_every = 500  # 0 = only at the end.
     config.train.keep_checkpoints = 2
+    config.train.holdout_every = 0  # Steps between held-out evaluations; 0 = 10 per run.
+    # Stop after this many held-out evaluations without improvement; 0 = never stop early.
+    config.train.patience = 0
     config.train.num_devices = 0  # 0 = every device.
     # FSDP: parameters and optimizer state split over the devices by a shape rule
     # (kdjax.sharding.state_shardings) instead of replicated: the same updates, and each device
@@ -68,6 +71,10 @@ def data_config() -> ml_collections.ConfigDict:
     data.eval_batch_size = 128
     data.train_limit = 0  # Train on a seeded random subset of this size (0 = all).
     data.subset_seed = 0
+    # A seeded slice of the labelled training examples set aside to choose the checkpoint and
+    # stop training (train.holdout_every, train.patience); dev is then only evaluated at the end.
+    # 0 = off (the last checkpoint is the result).
+    data.holdout_fraction = 0.0
     data.dev_limit = 0
     return data
 
@@ -180,6 +187,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.eval_batch_size", lambda v: v >= 1, "must be >= 1"),
     ("data.train_limit", lambda v: v >= 0, "must be >= 0 (0 = all)"),
     ("data.dev_limit", lambda v: v >= 0, "must be >= 0 (0 = all)"),
+    ("data.holdout_fraction", lambda v: 0 <= v <= 0.5,
+     "must be in [0, 0.5] (the share of labelled training examples held out; 0 = off)"),
     ("data.text_columns", lambda v: len(v) in (0, 1, 2), "must name 1 or 2 columns"),
     ("data.buckets", lambda v: all(b >= 1 for b in v), "must be positive lengths"),
     ("model.dtype", lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
@@ -190,6 +199,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.log_every", lambda v: v >= 1, "must be >= 1"),
     ("train.checkpoint_every", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
+    ("train.holdout_every", lambda v: v >= 0, "must be >= 0 (0 = 10 evaluations per run)"),
+    ("train.patience", lambda v: v >= 0, "must be >= 0 (0 = never stop early)"),
+    ("teacher.patience", lambda v: v >= 0, "must be >= 0 (0 = never stop early)"),
     ("train.num_devices", lambda v: v >= 0, "must be >= 0 (0 = all devices)"),
     ("train.fsdp", lambda v: isinstance(v, bool), "must be True or False"),
     ("train.grad_accum_steps", lambda v: isinstance(v, int) and v >= 1,
@@ -272,6 +284,12 @@ def validate(config: ml_collections.ConfigDict,
         if max(buckets) < max_length:
             raise ConfigError(f"config key 'data.buckets' must reach data.max_length "
                               f"({max_length}), got {buckets!r}")
+    if not _get(config, "data.holdout_fraction"):
+        for key in ("train.patience", "teacher.patience"):
+            if _get(config, key) not in (_MISSING, None, 0):
+                raise ConfigError(f"config key {key!r} stops on the held-out slice, which "
+                                  "data.holdout_fraction=0 turns off; set a fraction (e.g. "
+                                  "0.05) or the patience to 0")
     return config
 
 

@@ -465,6 +465,38 @@ def concatenate(splits: Sequence[EncodedSplit]) -> EncodedSplit:
                           for f in dataclasses.fields(EncodedSplit)))
 
 
+def training_indices(num_examples: int, *, train_limit: int = 0, holdout_fraction: float = 0.0,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which training examples a run trains on, holds out, and leaves unlabelled.
+
+    `train_limit` keeps a seeded random subset of that size as the labelled examples (the rest,
+    labels removed, is a few-labels run's transfer set); `holdout_fraction` then sets a seeded
+    slice of the labelled examples aside for checkpoint selection and early stopping, so dev is
+    never looked at while training. Both draws depend on `seed` (data.subset_seed) only, never on
+    the training seed, so every recipe and every seed sees the same slices.
+
+    Returns:
+      Sorted index arrays (labelled training, held-out, unlabelled rest) into the training split.
+    """
+    labelled = np.arange(num_examples)
+    rest = np.zeros(0, np.int64)
+    if train_limit and train_limit < num_examples:
+        # A fixed, seeded subset, so "the first N" does not depend on file order.
+        order = np.random.default_rng(seed).permutation(num_examples)
+        labelled, rest = np.sort(order[:train_limit]), np.sort(order[train_limit:])
+    holdout = np.zeros(0, np.int64)
+    if holdout_fraction:
+        size = max(1, round(holdout_fraction * len(labelled)))
+        if size >= len(labelled):
+            raise DataError(f"data.holdout_fraction={holdout_fraction} of {len(labelled)} "
+                            "labelled examples leaves none to train on")
+        # A second generator: the held-out slice must not change which examples train_limit
+        # keeps.
+        order = np.random.default_rng([seed, 1]).permutation(len(labelled))
+        holdout, labelled = np.sort(labelled[order[:size]]), np.sort(labelled[order[size:]])
+    return labelled, holdout, rest
+
+
 def without_labels(split: EncodedSplit) -> EncodedSplit:
     """The same rows with every label -1 (unlabelled)."""
     return dataclasses.replace(split, labels=np.full_like(split.labels, -1))

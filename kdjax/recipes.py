@@ -99,6 +99,9 @@ def _teacher_section(spec: dict, *, fine_tuned: bool = True) -> ml_collections.C
     if fine_tuned:
         teacher.epochs = 1.0 if not spec["train_limit"] else 10.0
         teacher.optim = optim_config(1e-4)
+        # With data.holdout_fraction > 0: stop the teacher's fine-tuning after this many
+        # held-out evaluations without improvement (teacher.epochs is then the cap); 0 = never.
+        teacher.patience = 0
     teacher.dtype = "float32"
     # Teacher-output cache (kdjax/teacher_cache.py): for stages whose inputs are fixed (no mlm,
     # adversarial or attention term), the teachers' logits are computed once, stored on disk
@@ -139,6 +142,9 @@ def _train_section() -> ml_collections.ConfigDict:
     train.log_every = 50
     train.checkpoint_every = 500
     train.keep_checkpoints = 1
+    # Held-out evaluations (data.holdout_fraction > 0) of the last stage; 0 = 10 per stage.
+    train.holdout_every = 0
+    train.patience = 0  # Held-out evaluations without improvement before stopping; 0 = never.
     train.num_devices = 0
     # FSDP: parameters and optimizer state split over the devices by a shape rule
     # (kdjax.sharding.state_shardings) instead of replicated: the same updates, and each device

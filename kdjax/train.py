@@ -324,6 +324,19 @@ class TaskInputs:
     # Training examples left out by data.train_limit, labels removed (-1): the unlabelled
     # transfer set of a few-labels distillation run. Empty without a limit.
     unlabelled_rest: data.EncodedSplit | None = None
+    # The labelled examples set aside by data.holdout_fraction for checkpoint selection and
+    # early stopping (never trained on). Empty when the fraction is 0.
+    holdout: data.EncodedSplit | None = None
+    # Where `train`'s rows are in task.splits["train"] (a method that builds more examples from
+    # the raw sentences, such as augmentation, starts from these).
+    train_indices: np.ndarray | None = None
+
+    @property
+    def train_examples(self) -> list[data.Example]:
+        source = self.task.splits["train"]
+        if self.train_indices is None:
+            return list(source)
+        return [source[i] for i in self.train_indices]
 
 
 # data.max_length=0 never picks more than BERT's 512 positions.
@@ -350,16 +363,17 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
               f"training examples whole", flush=True)
     train = data.encode(task.splits["train"], tokenizer, max_length)
     dev = data.encode(task.splits["dev"], tokenizer, max_length)
-    rest = train.subset(np.zeros(0, np.int64))
-    if cfg.train_limit and cfg.train_limit < len(train):
-        # A fixed, seeded subset, so "the first N" does not depend on file order.
-        order = np.random.default_rng(cfg.subset_seed).permutation(len(train))
-        rest = data.without_labels(train.subset(np.sort(order[cfg.train_limit:])))
-        train = train.subset(np.sort(order[:cfg.train_limit]))
+    labelled, held_out, rest = data.training_indices(
+        len(train), train_limit=cfg.train_limit, holdout_fraction=cfg.get("holdout_fraction", 0.0),
+        seed=cfg.subset_seed)
+    rest = data.without_labels(train.subset(rest))
+    holdout = train.subset(held_out)
+    train = train.subset(labelled)
     if cfg.dev_limit and cfg.dev_limit < len(dev):
         dev = dev.subset(np.arange(cfg.dev_limit))
     buckets = tuple(cfg.buckets) or data.default_buckets(max_length)
-    return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets, max_length, rest)
+    return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets, max_length, rest,
+                      holdout, labelled)
 
 
 def total_train_steps(config: ml_collections.ConfigDict, batches_per_epoch: int) -> int:
@@ -420,6 +434,47 @@ class _IntervalMetrics:
         return summary
 
 
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Checkpoint selection and early stopping on a held-out slice of the training set.
+
+    Attributes:
+      score: `state -> metrics` on the held-out slice (the loop never looks at dev).
+      metric: the key of `score`'s result to maximise (the task's headline metric).
+      every: steps between evaluations; the run's last step is always evaluated.
+      patience: evaluations without improvement before training stops; 0 = never.
+    """
+
+    score: Callable[[Any], dict]
+    metric: str = "accuracy"
+    every: int = 0
+    patience: int = 0
+
+    def interval(self, total_steps: int) -> int:
+        return self.every or max(1, math.ceil(total_steps / 10))
+
+
+def holdout_selection(config: ml_collections.ConfigDict, holdout: data.EncodedSplit | None,
+                      score: Callable[[Any, data.EncodedSplit], dict]) -> Selection | None:
+    """The run's `Selection` when `data.holdout_fraction` set a held-out slice aside, else None.
+
+    Args:
+      config: the run's config (`data.task`, `train.holdout_every`, `train.patience`).
+      holdout: the held-out examples (`TaskInputs.holdout`).
+      score: `(state, split) -> metrics` of the state's predicting model.
+    """
+    if holdout is None or not len(holdout):
+        return None
+    return Selection(score=functools.partial(_score_on, score, holdout),
+                     metric=data.task_metric(config.data.task),
+                     every=config.train.get("holdout_every", 0),
+                     patience=config.train.get("patience", 0))
+
+
+def _score_on(score, split, state):
+    return score(state, split)
+
+
 @dataclasses.dataclass
 class LoopResult:
     state: Any
@@ -427,13 +482,25 @@ class LoopResult:
     train_seconds: float  # this invocation's training time, compilation included
     examples_seen: int  # real examples this invocation trained on
     finished: bool  # False when train.stop_after_steps ended it early
+    # With a Selection: the step whose state is returned, its held-out metrics, and whether
+    # the patience rule ended training before total_steps.
+    selected_step: int | None = None
+    holdout: dict | None = None
+    stopped_early: bool = False
+
+    def selection_record(self) -> dict:
+        """What eval.json records of the selection (empty without one)."""
+        if self.selected_step is None:
+            return {}
+        return {"selected_step": self.selected_step, "holdout": self.holdout,
+                "stopped_early": self.stopped_early}
 
 
 def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_steps: int,
                train_config: ml_collections.ConfigDict, checkpoint_dir: pathlib.Path,
                log: metrics_lib.MetricLog, mesh: Mesh, dropout_key: jax.Array,
                lr_at: optax.Schedule | None = None, progress: bool = True,
-               description: str = "train") -> LoopResult:
+               description: str = "train", selection: Selection | None = None) -> LoopResult:
     """The one training loop: every update step kind (fine-tuning, distillation, and later
     discriminator or joint steps) runs through it.
 
@@ -449,6 +516,10 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
       dropout_key: the run's base key (replicated).
       lr_at: the learning-rate schedule, for the log.
       description: progress-bar label.
+      selection: evaluate on a held-out slice every `selection.interval` steps, keep the best
+        state in CHECKPOINT_DIR/../best/ and return it; stop after `selection.patience`
+        evaluations without improvement. The evaluations and the best state are part of the
+        run's checkpoints, so a resumed run selects as an uninterrupted one.
 
     Raises:
       TrainingDiverged: a NaN/inf loss or gradient; names the step and the last good checkpoint.
@@ -459,6 +530,8 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     dropout_key_data = np.asarray(jax.random.key_data(dropout_key)).tolist()
     ckpt = checkpoint.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints)
     start_step = 0
+    # Selection state: the best held-out evaluation so far and evaluations since it.
+    best = {"step": None, "metrics": None, "since": 0, "stopped_early": False}
     if ckpt.latest_step() is not None:
         arrays, meta = ckpt.restore(state.arrays())
         if meta["dropout_key"] != dropout_key_data or meta["total_steps"] != total_steps:
@@ -468,17 +541,35 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
                              "--workdir or the original config")
         state = state.with_arrays(arrays)
         start_step = int(meta["step"])
-        if start_step < total_steps:
+        best.update(meta.get("selection", {}))
+        if start_step < total_steps and not best["stopped_early"]:
             print(f"resumed from {ckpt.directory} at step {start_step} "
                   f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", flush=True)
+    best_ckpt = (checkpoint.Checkpointer(checkpoint_dir.parent / "best", keep=1)
+                 if selection is not None else None)
 
     def save(step: int) -> None:
         epoch, index = divmod(step, batcher.num_batches)
         # Each step's dropout key is fold_in(dropout_key, step): the base key and the step fix
         # every future draw.
-        ckpt.save(step, state.arrays(), {"step": step, "epoch": epoch, "batch_in_epoch": index,
-                                         "seed": train_config.seed, "total_steps": total_steps,
-                                         "dropout_key": dropout_key_data})
+        meta = {"step": step, "epoch": epoch, "batch_in_epoch": index,
+                "seed": train_config.seed, "total_steps": total_steps,
+                "dropout_key": dropout_key_data}
+        if selection is not None:
+            meta["selection"] = dict(best)
+        ckpt.save(step, state.arrays(), meta)
+
+    def evaluate_holdout(step: int) -> None:
+        # Without its timing, which would make a resumed run's record differ.
+        metrics = {k: v for k, v in selection.score(state).items() if k != "examples_per_s"}
+        log.write(step, f"{description}/holdout", metrics)
+        if best["metrics"] is None or metrics[selection.metric] > best["metrics"][selection.metric]:
+            best.update(step=step, metrics=metrics, since=0)
+            best_ckpt.save(step, state.arrays(), {"step": step, "metrics": metrics})
+        else:
+            best["since"] += 1
+            if selection.patience and best["since"] >= selection.patience:
+                best["stopped_early"] = True
 
     interval = _IntervalMetrics()
     bar = tqdm(total=total_steps, initial=start_step, unit="step",
@@ -490,9 +581,10 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     stop_at = total_steps
     if train_config.stop_after_steps:
         stop_at = min(total_steps, start_step + train_config.stop_after_steps)
+    every = selection.interval(total_steps) if selection is not None else 0
     try:
         for batch in _batches_from(batcher, start_step):
-            if step >= stop_at:
+            if step >= stop_at or best["stopped_early"]:
                 break
             state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
             interval.add(step, step_metrics)
@@ -509,6 +601,10 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
                 log.write(step, description, summary)
                 bar.set_postfix(loss=f"{summary['loss']:.4f}",
                                 ex_s=f"{summary['examples_per_s']:.0f}")
+            if every and (step % every == 0 or step == total_steps):
+                evaluate_holdout(step)
+                # An early stop is saved at once, so a rerun does not train on.
+                is_save = is_save or best["stopped_early"]
             if is_save:
                 save(step)
     except TrainingDiverged as e:
@@ -516,6 +612,8 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
         ckpt.wait()
         last = ckpt.latest_step()
         ckpt.close()
+        if best_ckpt is not None:
+            best_ckpt.close()
         where = (f"the last good checkpoint (step {last}) is in {ckpt.directory}"
                  if last is not None else "no checkpoint had been saved yet")
         raise TrainingDiverged(f"{e}; training stopped, {where}") from None
@@ -525,10 +623,24 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     if ckpt.latest_step() != step:
         save(step)
     ckpt.close()
-    if step < total_steps:
+    finished = step >= total_steps or best["stopped_early"]
+    if not finished:
         print(f"stopped after step {step} of {total_steps} (train.stop_after_steps); run the "
               f"same command again to resume", flush=True)
-    return LoopResult(state, step, train_seconds, interval.examples, step >= total_steps)
+    result = LoopResult(state, step, train_seconds, interval.examples, finished)
+    if best_ckpt is not None:
+        if finished and best["step"] is not None:
+            if best["stopped_early"]:
+                print(f"{description}: stopped at step {step} of {total_steps}, "
+                      f"{best['since']} held-out evaluations without improvement", flush=True)
+            arrays, _ = best_ckpt.restore(state.arrays(), best["step"])
+            result.state = state.with_arrays(arrays)
+            result.selected_step, result.holdout = best["step"], best["metrics"]
+            result.stopped_early = best["stopped_early"]
+            print(f"{description}: the held-out slice chose step {best['step']} "
+                  f"({selection.metric} {best['metrics'][selection.metric]:.4f})", flush=True)
+        best_ckpt.close()
+    return result
 
 
 def start_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -575,19 +687,28 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     log = metrics_lib.MetricLog(workdir, tensorboard=config.train.tensorboard)
     step_fn = make_train_step(mesh, fsdp=fsdp,
                               grad_accum_steps=config.train.get("grad_accum_steps", 1))
+    predict_fn = make_predict_step(mesh)
+
+    def score(state, split):
+        return evaluate(predict_fn, state.graphdef, state.params, split, inputs.task.num_labels,
+                        config.data.eval_batch_size, inputs.buckets, mesh)
+
     run = train_loop(state, step_fn, batcher, total_steps=total_steps,
                      train_config=config.train, checkpoint_dir=workdir / "checkpoints", log=log,
                      mesh=mesh, dropout_key=dropout_key,
                      lr_at=optim.warmup_linear_decay(config.optim.lr, total_steps,
                                                      config.optim.warmup_ratio),
-                     progress=progress)
+                     progress=progress,
+                     selection=holdout_selection(config, inputs.holdout, score))
     if not run.finished:
         return {"steps": run.steps, "train_seconds": run.train_seconds, "finished": False}
     state = run.state
-    result = evaluate(make_predict_step(mesh), state.graphdef, state.params, inputs.dev,
-                      inputs.task.num_labels, config.data.eval_batch_size, inputs.buckets, mesh)
+    result = score(state, inputs.dev)
     result.update(steps=run.steps, train_seconds=run.train_seconds, finished=True,
-                  train_examples_per_s=run.examples_seen / max(run.train_seconds, 1e-9))
+                  train_examples_per_s=run.examples_seen / max(run.train_seconds, 1e-9),
+                  **run.selection_record())
+    if len(inputs.holdout):
+        result["holdout_examples"] = len(inputs.holdout)
     log.write(run.steps, "dev", result)
     hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.task.label_names,
                        tokenizer=inputs.tokenizer,

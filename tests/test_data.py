@@ -466,3 +466,23 @@ def test_covering_length_holds_99_percent(tokenizer):
     assert width == min(b for b in data.default_buckets(128) if b >= short_len) and held == 0.98
     # Given widths (data.buckets) are the candidates; none large enough -> the largest.
     assert data.covering_length(examples, tokenizer, 128, widths=(8, 16)) == (16, 0.98)
+
+
+def test_training_indices_split_the_labelled_examples_without_moving_train_limit():
+    # Without a held-out slice: train_limit's seeded subset, as before the slice existed.
+    order = np.random.default_rng(7).permutation(100)
+    labelled, held, rest = data.training_indices(100, train_limit=30, seed=7)
+    np.testing.assert_array_equal(labelled, np.sort(order[:30]))
+    np.testing.assert_array_equal(rest, np.sort(order[30:]))
+    assert len(held) == 0
+    # With one: 10 % of the 30 labelled are held out; the unlabelled rest is unchanged.
+    labelled_h, held_h, rest_h = data.training_indices(100, train_limit=30,
+                                                       holdout_fraction=0.1, seed=7)
+    assert len(held_h) == 3 and len(labelled_h) == 27
+    np.testing.assert_array_equal(np.sort(np.r_[labelled_h, held_h]), labelled)
+    np.testing.assert_array_equal(rest_h, rest)
+    # Seeded by data.subset_seed alone: another seed, another slice.
+    other = data.training_indices(100, holdout_fraction=0.1, seed=8)[1]
+    assert not np.array_equal(other, data.training_indices(100, holdout_fraction=0.1, seed=7)[1])
+    with pytest.raises(data.DataError, match="holdout_fraction=0.5 of 1 labelled"):
+        data.training_indices(1, holdout_fraction=0.5)

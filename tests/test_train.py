@@ -187,3 +187,75 @@ def test_auto_max_length_follows_the_training_lengths(toy_config, capsys):
     assert inputs.train.input_ids.shape[1] == inputs.dev.input_ids.shape[1] == expected
     assert max(inputs.buckets) == expected
     assert f"data.max_length=0 (auto): {expected} tokens" in capsys.readouterr().out
+
+
+def _holdout_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"].endswith("/holdout")]
+
+
+def test_holdout_slice_chooses_the_best_step_and_resumes_to_the_same_choice(toy_config,
+                                                                             tmp_path):
+    # 96 toy rows: 24 held out, 72 trained on (5 batches of 16); 12 steps, scored every 2.
+    config_lib.apply_overrides(toy_config, [
+        "data.holdout_fraction=0.25", "train.max_steps=12", "train.holdout_every=2",
+        "train.checkpoint_every=2", "optim.lr=3e-3"])
+    straight = train.fine_tune(toy_config, tmp_path / "straight", progress=False)
+    records = _holdout_records(tmp_path / "straight")
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    assert all(r["examples"] == 24 for r in records)
+    assert straight["holdout_examples"] == 24 and not straight["stopped_early"]
+    best = max(r["accuracy"] for r in records)
+    # The first step that reached the best held-out accuracy is the one exported.
+    first_best = next(r["step"] for r in records if r["accuracy"] == best)
+    assert straight["selected_step"] == first_best
+    assert straight["holdout"]["accuracy"] == best
+    exported = train.evaluate_saved_model(tmp_path / "straight" / "model", toy_config)
+    assert exported["accuracy"] == straight["accuracy"]
+
+    # Interrupted after 5 steps and resumed: the same evaluations, the same choice.
+    config_lib.apply_overrides(toy_config, ["train.stop_after_steps=5"])
+    assert not train.fine_tune(toy_config, tmp_path / "resumed", progress=False)["finished"]
+    config_lib.apply_overrides(toy_config, ["train.stop_after_steps=0"])
+    resumed = train.fine_tune(toy_config, tmp_path / "resumed", progress=False)
+    assert resumed["selected_step"] == straight["selected_step"]
+    assert resumed["holdout"] == straight["holdout"]
+    assert resumed["accuracy"] == straight["accuracy"]
+
+
+def test_patience_stops_training_and_a_rerun_does_not_train_on(toy_config, tmp_path):
+    # A learning rate too small to change a prediction: the held-out score never improves after
+    # its first evaluation, so patience 2 stops at the third (step 6 of 40).
+    config_lib.apply_overrides(toy_config, [
+        "data.holdout_fraction=0.25", "train.max_steps=40", "train.holdout_every=2",
+        "train.patience=2", "optim.lr=1e-12"])
+    result = train.fine_tune(toy_config, tmp_path / "run", progress=False)
+    assert result["finished"] and result["stopped_early"]
+    assert result["steps"] == 6 and result["selected_step"] == 2
+    again = train.fine_tune(toy_config, tmp_path / "run", progress=False)
+    assert again["steps"] == 6 and again["selected_step"] == 2
+    assert len(_holdout_records(tmp_path / "run")) == 3
+
+
+def test_holdout_slice_is_never_trained_on_and_the_same_for_every_seed(toy_config):
+    config_lib.apply_overrides(toy_config, ["data.holdout_fraction=0.25"])
+    inputs = train.prepare_task(toy_config)
+    config_lib.apply_overrides(toy_config, ["train.seed=3"])
+    again = train.prepare_task(toy_config)
+    np.testing.assert_array_equal(inputs.holdout.input_ids, again.holdout.input_ids)
+    assert len(inputs.train) == 72 and len(inputs.holdout) == 24
+    # Every training row is in exactly one of the two, as the indices say.
+    full = train.data.encode(inputs.task.splits["train"], inputs.tokenizer, inputs.max_length)
+    held = np.setdiff1d(np.arange(96), inputs.train_indices)
+    assert len(held) == 24
+    np.testing.assert_array_equal(inputs.train.input_ids, full.input_ids[inputs.train_indices])
+    np.testing.assert_array_equal(inputs.holdout.input_ids, full.input_ids[held])
+    np.testing.assert_array_equal(inputs.holdout.labels, full.labels[held])
+    assert inputs.train_examples == [inputs.task.splits["train"][i]
+                                     for i in inputs.train_indices]
+
+
+def test_patience_without_a_holdout_slice_is_refused(toy_config):
+    config_lib.apply_overrides(toy_config, ["train.patience=3"])
+    with pytest.raises(config_lib.ConfigError, match="train.patience.*holdout_fraction"):
+        config_lib.validate(toy_config)

@@ -66,6 +66,8 @@ class Stage:
       teachers: the placed frozen teachers the step reads, or None (cached or no teacher).
       optim_config: the optimizer section with the stage's learning rate.
       config, mesh, log: the run's (a method that changes the update reads them).
+      selection: checkpoint selection on the held-out slice (`train.holdout_selection`), or
+        None (the last state is the stage's result).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Stage:
     config: ml_collections.ConfigDict | None = None
     mesh: Mesh | None = None
     log: Any = None
+    selection: train.Selection | None = None
 
 
 def _with_teachers(jitted: Callable, teachers, state, batch, key):
@@ -123,6 +126,20 @@ def build_stage(config: ml_collections.ConfigDict, name: str, spec: LossSpec,
                                    grad_accum_steps=config.train.get("grad_accum_steps", 1))
     stage.loop_step = functools.partial(_with_teachers, stage.step, teachers)
     return stage
+
+
+def classifier_score(config, inputs: train.TaskInputs, mesh: Mesh,
+                     classifier_of: Callable[[Any], nnx.Module]) -> Callable:
+    """`(state, split) -> metrics` of the classifier `classifier_of(state)` (the held-out score
+    of a `train.Selection`)."""
+    predict_fn = train.make_predict_step(mesh)
+
+    def score(state, split):
+        graphdef, params = nnx.split(classifier_of(state), nnx.Param)
+        return train.evaluate(predict_fn, graphdef, params, split, inputs.task.num_labels,
+                              config.data.eval_batch_size, inputs.buckets, mesh)
+
+    return score
 
 
 def stage_split(config, stage, inputs: train.TaskInputs, *,
@@ -202,11 +219,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, student_
             stage.state, stage.loop_step, stage.batcher, total_steps=stage.total_steps,
             train_config=config.train, checkpoint_dir=workdir / "stages" / name / "checkpoints",
             log=context.log, mesh=mesh, dropout_key=context.dropout_key, lr_at=stage.lr_at,
-            progress=progress, description=name)
+            progress=progress, description=name, selection=stage.selection)
         if not result.finished:
             return {"finished": False, "stage": name, "steps": result.steps}
         context.train_seconds += result.train_seconds
-        context.stages[name] = {"steps": result.steps, "train_seconds": result.train_seconds}
+        context.stages[name] = {"steps": result.steps, "train_seconds": result.train_seconds,
+                                **result.selection_record()}
         method.end_stage(name, result.state)
     return method.finish()
 
@@ -284,6 +302,12 @@ class StagedBertRun(StudentRun):
         stage = build_stage(config, name, spec, self.student, stage_teachers, run.mesh,
                             total_steps=total_steps, log=run.log)
         stage.batcher = batcher
+        if name == config.stages[-1]:
+            # Only the last stage trains the classifier the run exports (TinyBERT's earlier
+            # stages have no task output worth scoring), so only it selects on the held-out slice.
+            stage.selection = train.holdout_selection(
+                config, inputs.holdout, classifier_score(config, inputs, run.mesh,
+                                                         lambda state: state.model().model))
         print(f"stage {name}: {total_steps} steps over {len(batcher.split)} examples, terms "
               f"{spec.term_names}", flush=True)
         return stage
@@ -383,6 +407,8 @@ def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inp
         student_hidden=student.config.hidden_size,
         student_non_embedding_params=non_embedding_params(student),
         train_seconds=train_seconds, stages=stage_results)
+    if inputs.holdout is not None and len(inputs.holdout):
+        result["holdout_examples"] = len(inputs.holdout)
     export = student
     if student.mlm is not None:
         # The exported classifier carries no MLM head: save a copy without it.

@@ -97,6 +97,8 @@ def teacher_finetune_config(config: ml_collections.ConfigDict,
     ft.train.grad_accum_steps = config.train.get("grad_accum_steps", 1)
     ft.train.log_every = config.train.log_every
     ft.train.checkpoint_every = config.train.checkpoint_every
+    ft.train.holdout_every = config.train.get("holdout_every", 0)
+    ft.train.patience = config.teacher.get("patience", 0)
     return ft
 
 

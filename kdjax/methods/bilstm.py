@@ -290,6 +290,10 @@ def _finish(config, workdir: pathlib.Path, student: BiLSTMClassifier, teachers, 
 # Config sections (kdjax.recipes.bilstm_config)
 
 
+def _trained_model(state):
+    return state.model()
+
+
 class BiLSTMRun(StudentRun):
     """Fine-tuned teacher -> augmented transfer set -> teacher labels -> BiLSTM -> evaluation.
 
@@ -325,11 +329,8 @@ class BiLSTMRun(StudentRun):
             if config.data.unlabelled_rest and len(inputs.unlabelled_rest):
                 split = data.concatenate([split, inputs.unlabelled_rest])
             if config.augment.method != "none":
-                source = inputs.task.splits["train"]
-                if config.data.train_limit:  # The labelled subset train.prepare_task chose.
-                    order = np.random.default_rng(config.data.subset_seed).permutation(
-                        len(source))
-                    source = [source[i] for i in np.sort(order[:config.data.train_limit])]
+                # The labelled examples train.prepare_task kept (held-out slice excluded).
+                source = inputs.train_examples
                 augmented, info = augmented_split(config, source, inputs.tokenizer, teachers[0],
                                                   run.workdir / "cache", inputs.max_length)
                 extra.update(augmented_examples=info["augmented_examples"],
@@ -376,7 +377,10 @@ class BiLSTMRun(StudentRun):
         return engine_run.Stage(name=name, state=state, loop_step=step_fn,
                                 total_steps=total_steps, batcher=batcher, spec=self.spec,
                                 lr_at=optax.constant_schedule(optim_config.lr),
-                                optim_config=optim_config)
+                                optim_config=optim_config,
+                                selection=train.holdout_selection(
+                                    config, self.inputs.holdout, engine_run.classifier_score(
+                                        config, self.inputs, run.mesh, _trained_model)))
 
     def end_stage(self, name: str, state) -> None:
         self.student = state.model()

@@ -395,7 +395,11 @@ class NewsBertRun(StudentRun):
         return engine_run.Stage(
             name=name, state=state, loop_step=step, total_steps=total_steps, batcher=batcher,
             lr_at=optim.warmup_linear_decay(config.optim.lr, total_steps,
-                                            config.optim.warmup_ratio))
+                                            config.optim.warmup_ratio),
+            # The pair (teacher and student) is kept at the step where the student scored best.
+            selection=train.holdout_selection(config, self.inputs.holdout,
+                                              engine_run.classifier_score(
+                                                  config, self.inputs, run.mesh, _student_of)))
 
     def end_stage(self, name: str, state) -> None:
         self.pair = state.model()
@@ -409,6 +413,10 @@ class NewsBertRun(StudentRun):
         return engine_run.finish(run.config, run.workdir, pair.student, [pair.teacher], inputs,
                                  run.mesh, run.log, run.train_seconds, run.stages,
                                  run.measure_throughput)
+
+
+def _student_of(state):
+    return state.model().student
 
 
 def section(*, labelled_repeats: int = 1) -> ml_collections.ConfigDict:

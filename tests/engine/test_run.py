@@ -50,10 +50,18 @@ def test_distill_end_to_end_fine_tunes_the_teacher_then_saves_a_student(tmp_path
 def test_tinybert_runs_its_three_stages_with_a_narrow_student(tmp_path, tiny_hf_dir):
     config = _toy_distill_config(tmp_path, tiny_hf_dir, "tinybert", "student.layers=1",
                                  "student.hidden=16", "student.heads=4", "student.init=random",
-                                 "train.max_steps=3")
+                                 "train.max_steps=3", "data.holdout_fraction=0.25",
+                                 "train.holdout_every=1")
     result = distill.distill(config, tmp_path / "run", progress=False, measure_throughput=False)
     assert list(result["stages"]) == ["general", "intermediate", "prediction"]
     assert all(s["steps"] == 3 for s in result["stages"].values())
+    # The held-out slice (24 of the 96 toy rows) chooses the exported student in the last
+    # stage only, and the teacher's fine-tuning is scored on the same slice.
+    assert result["holdout_examples"] == 24
+    assert result["stages"]["prediction"]["selected_step"] in (1, 2, 3)
+    assert "selected_step" not in result["stages"]["general"]
+    teacher = json.loads((tmp_path / "run" / "teacher-seed0" / "eval.json").read_text())
+    assert teacher["holdout_examples"] == 24 and teacher["selected_step"] >= 1
     logged = [json.loads(line)["split"] for line in
               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"general", "intermediate", "prediction", "dev"} <= set(logged)
