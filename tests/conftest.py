@@ -6,6 +6,13 @@ import jax
 
 # Must run before JAX creates its backend, so the sharding tests see 8 devices on any CPU.
 jax.config.update("jax_num_cpu_devices", 8)
+# Most of the suite's time is XLA compiling the same tiny programs again: every run builds new
+# jitted wrappers, so only a persistent cache (keyed by the program, shared by the pytest
+# workers) reuses them. It lives in pytest's own cache folder; compiling never depends on it.
+jax.config.update("jax_compilation_cache_dir",
+                  str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 

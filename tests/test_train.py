@@ -189,52 +189,70 @@ def test_auto_max_length_follows_the_training_lengths(toy_config, capsys):
     assert f"data.max_length=0 (auto): {expected} tokens" in capsys.readouterr().out
 
 
-def _holdout_records(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"].endswith("/holdout")]
+def _toy_split(n=64, length=12, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, length + 1, n).astype(np.int32)
+    mask = np.arange(length)[None] < lengths[:, None]
+    return train.data.EncodedSplit((rng.integers(1, 64, (n, length)) * mask).astype(np.int32),
+                                   np.zeros((n, length), np.int32), lengths,
+                                   rng.integers(0, 3, n).astype(np.int32))
 
 
-def test_holdout_slice_chooses_the_best_step_and_resumes_to_the_same_choice(toy_config,
-                                                                             tmp_path):
-    # 96 toy rows: 24 held out, 72 trained on (5 batches of 16); 12 steps, scored every 2.
-    config_lib.apply_overrides(toy_config, [
-        "data.holdout_fraction=0.25", "train.max_steps=12", "train.holdout_every=2",
-        "train.checkpoint_every=2", "optim.lr=3e-3"])
-    straight = train.fine_tune(toy_config, tmp_path / "straight", progress=False)
-    records = _holdout_records(tmp_path / "straight")
-    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
-    assert all(r["examples"] == 24 for r in records)
-    assert straight["holdout_examples"] == 24 and not straight["stopped_early"]
-    best = max(r["accuracy"] for r in records)
-    # The first step that reached the best held-out accuracy is the one exported.
-    first_best = next(r["step"] for r in records if r["accuracy"] == best)
-    assert straight["selected_step"] == first_best
-    assert straight["holdout"]["accuracy"] == best
-    exported = train.evaluate_saved_model(tmp_path / "straight" / "model", toy_config)
-    assert exported["accuracy"] == straight["accuracy"]
+def _selected_run(tmp_path, scores, *, patience=0, stop_after=0, total_steps=12):
+    """The training loop on the tiny model with a scripted held-out score per step: which
+    steps were scored, the result, and each scored step's parameters."""
+    mesh = sharding.make_mesh(1)
+    scored, params_at = [], {}
 
-    # Interrupted after 5 steps and resumed: the same evaluations, the same choice.
-    config_lib.apply_overrides(toy_config, ["train.stop_after_steps=5"])
-    assert not train.fine_tune(toy_config, tmp_path / "resumed", progress=False)["finished"]
-    config_lib.apply_overrides(toy_config, ["train.stop_after_steps=0"])
-    resumed = train.fine_tune(toy_config, tmp_path / "resumed", progress=False)
-    assert resumed["selected_step"] == straight["selected_step"]
-    assert resumed["holdout"] == straight["holdout"]
-    assert resumed["accuracy"] == straight["accuracy"]
+    def score(state):
+        step = int(state.step)
+        scored.append(step)
+        params_at[step] = jax.device_get(state.params)
+        return {"accuracy": scores[step], "examples": 8}
+
+    train_config = config_lib.load_config("configs/finetune.py").train
+    config_lib.apply_overrides(train_config, [
+        "checkpoint_every=2", f"stop_after_steps={stop_after}", "log_every=2"])
+    result = train.train_loop(
+        _state(mesh), train.make_train_step(mesh), train.data.Batcher(
+            _toy_split(), 16, buckets=(12,), shuffle=True, seed=0),
+        total_steps=total_steps, train_config=train_config,
+        checkpoint_dir=tmp_path / "checkpoints",
+        log=train.metrics_lib.MetricLog(tmp_path), mesh=mesh,
+        dropout_key=sharding.replicate(jax.random.key(1), mesh), progress=False,
+        selection=train.Selection(score=score, every=2, patience=patience))
+    return scored, result, params_at
 
 
-def test_patience_stops_training_and_a_rerun_does_not_train_on(toy_config, tmp_path):
-    # A learning rate too small to change a prediction: the held-out score never improves after
-    # its first evaluation, so patience 2 stops at the third (step 6 of 40).
-    config_lib.apply_overrides(toy_config, [
-        "data.holdout_fraction=0.25", "train.max_steps=40", "train.holdout_every=2",
-        "train.patience=2", "optim.lr=1e-12"])
-    result = train.fine_tune(toy_config, tmp_path / "run", progress=False)
-    assert result["finished"] and result["stopped_early"]
-    assert result["steps"] == 6 and result["selected_step"] == 2
-    again = train.fine_tune(toy_config, tmp_path / "run", progress=False)
-    assert again["steps"] == 6 and again["selected_step"] == 2
-    assert len(_holdout_records(tmp_path / "run")) == 3
+def test_selection_returns_the_best_scored_state_and_resumes_to_the_same_choice(tmp_path):
+    scores = {2: 0.5, 4: 0.8, 6: 0.7, 8: 0.8, 10: 0.6, 12: 0.75}
+    scored, result, params_at = _selected_run(tmp_path / "straight", scores)
+    assert scored == [2, 4, 6, 8, 10, 12]
+    # The first step with the best score (a tie later does not move it), and its parameters.
+    assert result.finished and result.steps == 12 and not result.stopped_early
+    assert result.selected_step == 4 and result.holdout == {"accuracy": 0.8, "examples": 8}
+    chex.assert_trees_all_equal(jax.device_get(result.state.params), params_at[4])
+    assert result.selection_record()["selected_step"] == 4
+
+    # Stopped after 5 steps, then resumed: steps 2 and 4 are not scored again, and the choice
+    # and the parameters are the same.
+    first, partial, _ = _selected_run(tmp_path / "resumed", scores, stop_after=5)
+    assert first == [2, 4] and not partial.finished and partial.selected_step is None
+    second, resumed, _ = _selected_run(tmp_path / "resumed", scores)
+    assert second == [6, 8, 10, 12] and resumed.selected_step == 4
+    chex.assert_trees_all_equal(jax.device_get(resumed.state.params), params_at[4])
+
+
+def test_patience_stops_training_and_a_rerun_does_not_train_on(tmp_path):
+    # Best at step 4, then two evaluations without improvement: patience 2 stops at step 8.
+    scores = {2: 0.5, 4: 0.8, 6: 0.7, 8: 0.8, 10: 0.9, 12: 0.9}
+    scored, result, params_at = _selected_run(tmp_path, scores, patience=2, total_steps=40)
+    assert scored == [2, 4, 6, 8]
+    assert result.finished and result.stopped_early and result.steps == 8
+    assert result.selected_step == 4
+    chex.assert_trees_all_equal(jax.device_get(result.state.params), params_at[4])
+    again, rerun, _ = _selected_run(tmp_path, scores, patience=2, total_steps=40)
+    assert again == [] and rerun.steps == 8 and rerun.selected_step == 4
 
 
 def test_holdout_slice_is_never_trained_on_and_the_same_for_every_seed(toy_config):
