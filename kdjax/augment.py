@@ -28,12 +28,15 @@ subset, so a capped run spreads its copies over all examples instead of augmenti
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 import time
 from typing import Callable, Protocol, Sequence
 
+import ml_collections
 import numpy as np
 
-from kdjax import data
+from kdjax import config as config_lib, data, distributed, teacher_cache
 
 MASK = "[MASK]"
 MASK_ID = 0  # Word id of [MASK] in every corpus vocabulary.
@@ -431,3 +434,62 @@ def augment(examples: Sequence[data.Example], make_generator: Callable[[list[str
             if max_examples and len(new) >= max_examples:
                 return AugmentResult(new, time.perf_counter() - start, rounds)
     return AugmentResult(new, time.perf_counter() - start, rounds)
+
+
+# ------------------------------------------------------------------------------------------------
+# The augmented split of a run (cached)
+
+
+def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Example], tokenizer,
+                    teacher, cache_dir: pathlib.Path, max_length: int,
+                    ) -> tuple[data.EncodedSplit, dict]:
+    """The augmented examples of `config.augment` (label -1), tokenised; cached in
+    `cache_dir/augmented-HASH.npz`, HASH covering the examples, the augment section, the
+    tokenizer's vocabulary and (TinyBERT) the teacher's embedding table.
+
+    Returns:
+      (split, info) with info = {augmented_examples, augmented_examples_per_s,
+      augment_seconds, augment_rounds, cached}.
+    """
+    cfg = config.augment
+    embeddings = None
+    if cfg.method == "tinybert":
+        embeddings = np.asarray(teacher.bert.embeddings.word_embeddings.embedding[...])
+    key = teacher_cache.digest(cfg.to_dict(), max_length,
+                               sorted(tokenizer.get_vocab().items()),
+                               [(e.text_a, e.text_b) for e in examples],
+                               embeddings if embeddings is not None else b"")
+    path = pathlib.Path(cache_dir) / f"augmented-{key}.npz"
+    distributed.barrier("augmentation cache")  # Same decision on every process; 0 writes.
+    if path.is_file():
+        with np.load(path) as saved:
+            split = data.EncodedSplit(saved["input_ids"], saved["token_type_ids"],
+                                      saved["lengths"], saved["labels"])
+            info = json.loads(str(saved["info"]))
+        return split, {**info, "cached": True}
+    if cfg.method == "tang":
+        rules = TangRules(p_mask=cfg.p_mask, p_pos=cfg.p_pos, p_ng=cfg.p_ng,
+                                      max_ngram=cfg.max_ngram)
+        make = lambda texts: TangGenerator(texts, rules)
+    elif cfg.method == "tinybert":
+        make = lambda texts: TinyBertGenerator(texts, tokenizer, embeddings,
+                                                           p_t=cfg.p_t, k=cfg.k)
+    else:
+        raise AugmentError(f"augment.method must be one of {config_lib.AUGMENT_METHODS}, "
+                                       f"got {cfg.method!r}")
+    result = augment(examples, make, n_iter=cfg.n_iter,
+                                 max_examples=cfg.max_examples, seed=cfg.seed,
+                                 pair_sides=cfg.pair_sides)
+    split = data.encode(result.examples, tokenizer, max_length)
+    info = {"augmented_examples": len(result.examples),
+            "augmented_examples_per_s": result.examples_per_s,
+            "augment_seconds": result.seconds, "augment_rounds": result.rounds}
+    print(f"augmentation ({cfg.method}): {len(result.examples):,} new examples from "
+          f"{len(examples):,} in {result.seconds:.1f} s ({result.examples_per_s:,.0f}/s, "
+          f"{result.rounds} rounds)", flush=True)
+    if distributed.is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **teacher_cache.split_arrays(split), info=json.dumps(info))
+        tmp.rename(path)
+    return split, {**info, "cached": False}

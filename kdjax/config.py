@@ -79,6 +79,32 @@ def data_config() -> ml_collections.ConfigDict:
     return data
 
 
+def augment_config(augment: str = "none") -> ml_collections.ConfigDict:
+    """The `augment` section: the generator of augmented transfer examples (`kdjax.augment`):
+    tang, tinybert or none. The Distilled BiLSTM trains on them; any transformer-student
+    recipe adds them to its task stages when set (TinyBERT's task distillation)."""
+    section = ml_collections.ConfigDict()
+    section.method = augment  # tang | tinybert | none
+    # Copies per example before duplicates are dropped: Tang's n_iter, TinyBERT's N_a (20 both).
+    section.n_iter = 20
+    # Cap on new examples (0 = none). SST-2 x 20 would be ~1.3 M examples for the teacher to
+    # label and the student to train on; 200k keeps a 2-core CPU run in hours, not days.
+    section.max_examples = 200_000
+    section.seed = 0
+    section.p_mask = 0.1  # Tang: [MASK] a word.
+    section.p_pos = 0.1  # Tang: replace a word by one of the same POS tag.
+    section.p_ng = 0.25  # Tang: keep only a random n-gram of the copy.
+    section.max_ngram = 5
+    section.p_t = 0.4  # TinyBERT: replace a candidate word.
+    section.k = 15  # TinyBERT: candidates per word.
+    section.pair_sides = "random"  # Pairs: first | second | both | random.
+    return section
+
+
+# The generators of kdjax.augment; none = no augmented examples.
+AUGMENT_METHODS = ("tang", "tinybert", "none")
+
+
 def optim_config(lr: float = 1e-4) -> ml_collections.ConfigDict:
     optim = ml_collections.ConfigDict()
     optim.lr = lr
@@ -207,6 +233,15 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.grad_accum_steps", lambda v: isinstance(v, int) and v >= 1,
      "must be an integer >= 1 (micro-batches per update; 1 = off)"),
     # Distillation configs.
+    ("augment.method", lambda v: v in AUGMENT_METHODS, f"must be one of {AUGMENT_METHODS}"),
+    ("augment.n_iter", lambda v: v >= 0, "must be >= 0"),
+    ("augment.max_examples", lambda v: v >= 0, "must be >= 0 (0 = no cap)"),
+    ("augment.max_ngram", lambda v: v >= 1, "must be >= 1"),
+    ("augment.k", lambda v: v >= 1, "must be >= 1"),
+    ("augment.pair_sides", lambda v: v in ("random", "first", "second", "both"),
+     "must be 'random', 'first', 'second' or 'both'"),
+    *((f"augment.{p}", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+      for p in ("p_mask", "p_pos", "p_ng", "p_t")),
     ("teacher.name", lambda v: bool(v), "must name a checkpoint"),
     ("teacher.seeds", lambda v: len(v) >= 1 and len(set(v)) == len(v),
      "must list at least one seed, without repeats"),

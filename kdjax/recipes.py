@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from kdjax import methods
+from kdjax import config as config_lib
 from kdjax.config import data_config, finetune_config, optim_config  # noqa: F401
 from kdjax.methods import bilstm, kdabert, newsbert
 
@@ -181,6 +182,8 @@ def _run_config(setting: str | None, *, method: str = "bert", fine_tuned_teacher
     config.data.unlabelled_file = ""  # One sentence per line: the "unlabelled" stages' corpus.
     config.optim = optim if optim is not None else optim_config(spec["lr"])
     config.train = _train_section()
+    # Augmented transfer examples (kdjax/augment.py) for the task stages; none by default.
+    config.augment = config_lib.augment_config("none")
     if stages is not None:
         config.stages = tuple(stages)
         for name, section in stages.items():
@@ -216,7 +219,7 @@ def bilstm_config(augment: str = "tang", *, teacher_terms: bool = True,
     config.setting = "bilstm"
     config.recipe = "bilstm"
     config.data.batch_size = 50
-    config.augment = bilstm.augment_section(augment)
+    config.augment = config_lib.augment_config(augment)
     return config
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import config as config_lib, data, distributed, hf, optim, sharding, teacher_cache
+from kdjax import augment, config as config_lib, data, distributed, hf, optim, sharding
+from kdjax import teacher_cache
 from kdjax import train
 from kdjax import metrics as metrics_lib
 from kdjax.engine.loss import LossSpec
@@ -164,6 +165,17 @@ def stage_split(config, stage, inputs: train.TaskInputs, *,
     return inputs.train
 
 
+def with_augmented(config, split: data.EncodedSplit, inputs: train.TaskInputs, teacher,
+                   cache_dir: pathlib.Path) -> tuple[data.EncodedSplit, dict]:
+    """`split` plus the augmented copies of the labelled examples (`config.augment`; label -1,
+    so only teacher terms learn from them), as TinyBERT's task distillation trains. The set is
+    built once per run and cached (`augment.augmented_split`); the teacher labels it through
+    the stage's teacher-output cache like any other example."""
+    augmented, info = augment.augmented_split(config, inputs.train_examples, inputs.tokenizer,
+                                              teacher, cache_dir, inputs.max_length)
+    return data.concatenate([split, augmented]), info
+
+
 def start_task(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                progress: bool = True) -> tuple[list[pathlib.Path], train.TaskInputs]:
     """The fine-tuned teacher directories (fine-tuning them first when needed) and the task's
@@ -270,6 +282,12 @@ class StagedBertRun(StudentRun):
         stage_config = config[name]
         spec = self.specs[name]
         split = stage_split(config, stage_config, inputs, uses_teacher=spec.uses_teacher)
+        if (config.get("augment") and config.augment.method != "none" and spec.uses_teacher
+                and stage_config.data == "train"):
+            split, info = with_augmented(config, split, inputs, self.teachers[0],
+                                         run.workdir / "cache")
+            self.augment_info = {"augmented_examples": info["augmented_examples"],
+                                 "augmented_examples_per_s": info["augmented_examples_per_s"]}
         batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets,
                                shuffle=True, seed=config.train.seed)
         total_steps = config.train.max_steps or max(
@@ -318,7 +336,8 @@ class StagedBertRun(StudentRun):
     def finish(self) -> dict:
         run = self.run
         return finish(run.config, run.workdir, self.student.model, self.teachers, self.inputs,
-                      run.mesh, run.log, run.train_seconds, run.stages, run.measure_throughput)
+                      run.mesh, run.log, run.train_seconds, run.stages, run.measure_throughput,
+                      extra=getattr(self, "augment_info", None))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,14 +418,17 @@ def write_result(workdir: pathlib.Path, log, result: dict) -> None:
 
 
 def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inputs, mesh,
-           log, train_seconds: float, stage_results: dict, measure_throughput: bool) -> dict:
-    """Dev evaluation, teacher agreement, throughputs; saves the BERT student and eval.json."""
+           log, train_seconds: float, stage_results: dict, measure_throughput: bool,
+           extra: dict | None = None) -> dict:
+    """Dev evaluation, teacher agreement, throughputs; saves the BERT student and eval.json
+    (with `extra`'s keys)."""
     result = evaluate_student(
         config, student, teachers, inputs, mesh, measure_throughput=measure_throughput,
         student_layers=student.config.num_hidden_layers,
         student_hidden=student.config.hidden_size,
         student_non_embedding_params=non_embedding_params(student),
         train_seconds=train_seconds, stages=stage_results)
+    result.update(extra or {})
     if inputs.holdout is not None and len(inputs.holdout):
         result["holdout_examples"] = len(inputs.holdout)
     export = student

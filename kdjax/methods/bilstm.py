@@ -16,7 +16,6 @@ and labelling and trains on the labelled examples alone.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
 
@@ -28,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import augment as augment_lib, distributed
+from kdjax import augment as augment_lib
 from kdjax import config as config_lib, data, hf, sharding, teacher_cache, train
 from kdjax.engine import run as engine_run
 from kdjax.engine.loss import LossSpec, combined_loss
@@ -39,7 +38,6 @@ from kdjax.models.bert import BertClassifier
 from kdjax.models.bilstm import (BiLSTMClassifier, BiLSTMConfig, load_bilstm,  # noqa: F401
                                  non_embedding_params, save_bilstm)
 
-AUGMENT_METHODS = ("tang", "tinybert", "none")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,61 +160,6 @@ def _labelling_info(cache: teacher_cache.TeacherCache) -> dict:
             "cached": not cache.computed, "path": str(cache.directory)}
 
 
-def augmented_split(config: ml_collections.ConfigDict, examples: list[data.Example], tokenizer,
-                    teacher: BertClassifier, cache_dir: pathlib.Path, max_length: int,
-                    ) -> tuple[data.EncodedSplit, dict]:
-    """The augmented examples of `config.augment` (label -1), tokenised; cached in
-    `cache_dir/augmented-HASH.npz`, HASH covering the examples, the augment section, the
-    tokenizer's vocabulary and (TinyBERT) the teacher's embedding table.
-
-    Returns:
-      (split, info) with info = {augmented_examples, augmented_examples_per_s,
-      augment_seconds, augment_rounds, cached}.
-    """
-    cfg = config.augment
-    embeddings = None
-    if cfg.method == "tinybert":
-        embeddings = np.asarray(teacher.bert.embeddings.word_embeddings.embedding[...])
-    key = teacher_cache.digest(cfg.to_dict(), max_length,
-                               sorted(tokenizer.get_vocab().items()),
-                               [(e.text_a, e.text_b) for e in examples],
-                               embeddings if embeddings is not None else b"")
-    path = pathlib.Path(cache_dir) / f"augmented-{key}.npz"
-    distributed.barrier("augmentation cache")  # Same decision on every process; 0 writes.
-    if path.is_file():
-        with np.load(path) as saved:
-            split = data.EncodedSplit(saved["input_ids"], saved["token_type_ids"],
-                                      saved["lengths"], saved["labels"])
-            info = json.loads(str(saved["info"]))
-        return split, {**info, "cached": True}
-    if cfg.method == "tang":
-        rules = augment_lib.TangRules(p_mask=cfg.p_mask, p_pos=cfg.p_pos, p_ng=cfg.p_ng,
-                                      max_ngram=cfg.max_ngram)
-        make = lambda texts: augment_lib.TangGenerator(texts, rules)
-    elif cfg.method == "tinybert":
-        make = lambda texts: augment_lib.TinyBertGenerator(texts, tokenizer, embeddings,
-                                                           p_t=cfg.p_t, k=cfg.k)
-    else:
-        raise augment_lib.AugmentError(f"augment.method must be one of {AUGMENT_METHODS}, "
-                                       f"got {cfg.method!r}")
-    result = augment_lib.augment(examples, make, n_iter=cfg.n_iter,
-                                 max_examples=cfg.max_examples, seed=cfg.seed,
-                                 pair_sides=cfg.pair_sides)
-    split = data.encode(result.examples, tokenizer, max_length)
-    info = {"augmented_examples": len(result.examples),
-            "augmented_examples_per_s": result.examples_per_s,
-            "augment_seconds": result.seconds, "augment_rounds": result.rounds}
-    print(f"augmentation ({cfg.method}): {len(result.examples):,} new examples from "
-          f"{len(examples):,} in {result.seconds:.1f} s ({result.examples_per_s:,.0f}/s, "
-          f"{result.rounds} rounds)", flush=True)
-    if distributed.is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **teacher_cache.split_arrays(split), info=json.dumps(info))
-        tmp.rename(path)
-    return split, {**info, "cached": False}
-
-
 # ------------------------------------------------------------------------------------------------
 # The run
 
@@ -331,8 +274,9 @@ class BiLSTMRun(StudentRun):
             if config.augment.method != "none":
                 # The labelled examples train.prepare_task kept (held-out slice excluded).
                 source = inputs.train_examples
-                augmented, info = augmented_split(config, source, inputs.tokenizer, teachers[0],
-                                                  run.workdir / "cache", inputs.max_length)
+                augmented, info = augment_lib.augmented_split(
+                    config, source, inputs.tokenizer, teachers[0], run.workdir / "cache",
+                    inputs.max_length)
                 extra.update(augmented_examples=info["augmented_examples"],
                              augmented_examples_per_s=info["augmented_examples_per_s"])
                 split = data.concatenate([split, augmented])
@@ -418,40 +362,11 @@ def optim_section() -> ml_collections.ConfigDict:
     return section
 
 
-def augment_section(augment: str = "tang") -> ml_collections.ConfigDict:
-    """The transfer set's generator (`kdjax.augment`): tang, tinybert or none."""
-    section = ml_collections.ConfigDict()
-    section.method = augment  # tang | tinybert | none
-    # Copies per example before duplicates are dropped: Tang's n_iter, TinyBERT's N_a (20 both).
-    section.n_iter = 20
-    # Cap on new examples (0 = none). SST-2 x 20 would be ~1.3 M examples for the teacher to
-    # label and the student to train on; 200k keeps a 2-core CPU run in hours, not days.
-    section.max_examples = 200_000
-    section.seed = 0
-    section.p_mask = 0.1  # Tang: [MASK] a word.
-    section.p_pos = 0.1  # Tang: replace a word by one of the same POS tag.
-    section.p_ng = 0.25  # Tang: keep only a random n-gram of the copy.
-    section.max_ngram = 5
-    section.p_t = 0.4  # TinyBERT: replace a candidate word.
-    section.k = 15  # TinyBERT: candidates per word.
-    section.pair_sides = "random"  # Pairs: first | second | both | random.
-    return section
-
-
-# The distilled BiLSTM's student, optimizer and augmentation (configs/bilstm*.py).
+# The distilled BiLSTM's student and optimizer (configs/bilstm*.py).
 CONFIG_RULES = (
     ("student.mlp", lambda v: v >= 1, "must be >= 1"),
     ("student.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optim.rho", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("augment.method", lambda v: v in ("tang", "tinybert", "none"),
-     "must be 'tang', 'tinybert' or 'none'"),
-    ("augment.n_iter", lambda v: v >= 0, "must be >= 0"),
-    ("augment.max_examples", lambda v: v >= 0, "must be >= 0 (0 = no cap)"),
-    ("augment.max_ngram", lambda v: v >= 1, "must be >= 1"),
-    ("augment.k", lambda v: v >= 1, "must be >= 1"),
-    ("augment.pair_sides", lambda v: v in ("random", "first", "second", "both"),
-     "must be 'random', 'first', 'second' or 'both'"),
-) + tuple((f"augment.{p}", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-          for p in ("p_mask", "p_pos", "p_ng", "p_t"))
+)
 
 RUN = BiLSTMRun

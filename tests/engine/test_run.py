@@ -81,3 +81,17 @@ def test_kd_ensemble_fine_tunes_one_teacher_per_seed_and_reports_each(tmp_path, 
                                        eval_config)["accuracy"] for seed in (0, 1)]
     assert result["teacher_accuracies"] == pytest.approx(each)
     assert result["best_single_teacher_accuracy"] == pytest.approx(max(each))
+
+
+def test_any_transformer_recipe_adds_the_augmented_set_to_its_task_stage(tmp_path, tiny_hf_dir,
+                                                                        capsys):
+    config = _toy_distill_config(tmp_path, tiny_hf_dir, "kd", "student.layers=1",
+                                 "train.max_steps=2", "augment.method=tinybert",
+                                 "augment.n_iter=2", "augment.max_examples=40")
+    result = distill.distill(config, tmp_path / "run", progress=False, measure_throughput=False)
+    added = result["augmented_examples"]
+    assert 0 < added <= 40
+    # The stage trains on the 96 labelled rows plus the augmented ones, labelled by the teacher
+    # through the stage's teacher-output cache.
+    assert f"stage distill: 2 steps over {96 + added} examples" in capsys.readouterr().out
+    assert len(list((tmp_path / "run" / "cache").glob("augmented-*.npz"))) == 1
