@@ -35,9 +35,10 @@ finetune: $(VENV)/.run-deps
 quick: $(VENV)/.run-deps
 	$(VENV)/bin/kdjax fine-tune --config configs/finetune.py:quick --workdir runs/sst2-quick
 
-# The SST-2 results table (results/sst2.md, .json); see benchmarks/sst2_results.py for options.
+# A results table (default SST-2: results/sst2.md, .json; --task cola|rte for the others); see
+# benchmarks/glue_results.py for options.
 results: $(VENV)/.run-deps
-	$(PY) -m benchmarks.sst2_results $(RESULTS_ARGS)
+	$(PY) -m benchmarks.glue_results $(RESULTS_ARGS)
 
 # Two pytest workers (pytest-xdist), one per file group: the suite is mostly single-threaded
 # compilation, so 2 workers on 2 cores halve its time. TEST_WORKERS=0 runs it in one process.

@@ -236,6 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, student_
             return {"finished": False, "stage": name, "steps": result.steps}
         context.train_seconds += result.train_seconds
         context.stages[name] = {"steps": result.steps, "train_seconds": result.train_seconds,
+                                "epochs": result.steps / stage.batcher.num_batches,
                                 **result.selection_record()}
         method.end_stage(name, result.state)
     return method.finish()
