@@ -220,6 +220,8 @@ class AdversarialState:
 
     student: train.TrainState
     discriminator: DiscriminatorState
+    # The adaptive gate of lambda_adv (`new_gate`; None = the fixed schedule alone).
+    gate: dict | None = None
 
     @property
     def step(self) -> jax.Array:
@@ -231,11 +233,53 @@ class AdversarialState:
         return self.student.model()
 
     def arrays(self) -> dict:
-        return {"student": self.student.arrays(), "discriminator": self.discriminator.arrays()}
+        arrays = {"student": self.student.arrays(), "discriminator": self.discriminator.arrays()}
+        if self.gate is not None:
+            arrays["gate"] = self.gate
+        return arrays
 
     def with_arrays(self, arrays: dict) -> "AdversarialState":
         return self.replace(student=self.student.with_arrays(arrays["student"]),
-                            discriminator=self.discriminator.with_arrays(arrays["discriminator"]))
+                            discriminator=self.discriminator.with_arrays(arrays["discriminator"]),
+                            gate=arrays.get("gate", self.gate))
+
+
+# The adaptive gate's running means: exponential, over about 1 / (1 - decay) = 50 steps.
+_GATE_DECAY = 0.98
+
+
+def new_gate() -> dict:
+    """The gate's state before the first step: the student's first task loss (unset: -1), the
+    running means of its task loss and of D's accuracy, and whether the gate has opened."""
+    # Explicit dtypes: a weakly typed scalar would come back strongly typed from the first
+    # step and make every step function compile twice.
+    return {"start_loss": jnp.full((), -1.0, jnp.float32), "loss_mean": jnp.zeros((), jnp.float32),
+            "d_accuracy_mean": jnp.full((), 0.5, jnp.float32), "opened": jnp.zeros((), jnp.bool_)}
+
+
+def gate_factor(method: "KDABert", gate: dict | None) -> jax.Array:
+    """The factor the gate puts on lambda_adv: 0 until the student's running task loss has
+    fallen `adversarial_after_loss_drop` of the way below its first value (once open, it stays
+    open); then scaled down linearly as D's running accuracy climbs from 0.5 to
+    `adversarial_max_d_accuracy`, 0 beyond it. 1 when both are off or there is no gate."""
+    factor = jnp.ones(())
+    if gate is None:
+        return factor
+    if method.adversarial_after_loss_drop > 0:
+        factor = factor * gate["opened"].astype(jnp.float32)
+    if method.adversarial_max_d_accuracy < 1:
+        top = method.adversarial_max_d_accuracy
+        factor = factor * jnp.clip((top - gate["d_accuracy_mean"]) / (top - 0.5), 0.0, 1.0)
+    return factor
+
+
+def _gate_after_student(method: "KDABert", gate: dict, task_loss: jax.Array) -> dict:
+    first = gate["start_loss"] < 0
+    start = jnp.where(first, task_loss, gate["start_loss"])
+    mean = jnp.where(first, task_loss,
+                     _GATE_DECAY * gate["loss_mean"] + (1 - _GATE_DECAY) * task_loss)
+    opened = gate["opened"] | (mean <= (1 - method.adversarial_after_loss_drop) * start)
+    return {**gate, "start_loss": start, "loss_mean": mean, "opened": opened}
 
 
 def make_discriminator_optimizer(section: ml_collections.ConfigDict,
@@ -397,7 +441,13 @@ def discriminator_step(state: AdversarialState, inputs: dict, dropout_base_key: 
         "d_grad_norm_sum": optax.tree.norm(grads), "d_grad_norm_count": jnp.ones(()),
     }
     new_d = train.apply_gradients(d, grads, power_vectors=power_vectors)
-    return state.replace(discriminator=new_d), metrics
+    gate = state.gate
+    if gate is not None:
+        accuracy = ((metrics["d_real_accuracy_sum"] + metrics["d_fake_accuracy_sum"])
+                    / jnp.maximum(2 * count * layers, 1.0))
+        gate = {**gate, "d_accuracy_mean": _GATE_DECAY * gate["d_accuracy_mean"]
+                + (1 - _GATE_DECAY) * accuracy}
+    return state.replace(discriminator=new_d, gate=gate), metrics
 
 
 def student_step(state: AdversarialState, inputs: dict, batch: dict,
@@ -423,7 +473,8 @@ def student_step(state: AdversarialState, inputs: dict, batch: dict,
     batch, dropout_key = step_batch_and_dropout(spec, batch, dropout_base_key, s.step)
     # Constants here: the gradient below is with respect to the student's parameters only.
     discriminators = jax.lax.stop_gradient(state.discriminator).model()
-    weight = adversarial_weight(spec, s.step)
+    method = spec.method(KDABert)
+    weight = adversarial_weight(spec, s.step) * gate_factor(method, state.gate)
     student_layers = tuple(m for m, _ in spec.layer_pairs)
     # The teacher's outputs travel with the batch, batch dimension first (logits [K, B, C] ->
     # [B, K, C]), so that micro-batches split them along with the rows.
@@ -457,7 +508,17 @@ def student_step(state: AdversarialState, inputs: dict, batch: dict,
     grads, metrics = train.accumulate_gradients(
         micro_step, s.params, {**batch, "teacher_out": teacher_out}, grad_accum_steps,
         dropout_key, layout)
-    return state.replace(student=train.apply_gradients(s, grads)), metrics
+    gate = state.gate
+    if gate is not None:
+        # The task loss the gate follows: the hard-label CE where the stage has one, else the
+        # whole loss without the adversarial term.
+        if "ce_sum" in metrics:
+            task_loss = metrics["ce_sum"] / jnp.maximum(metrics["ce_count"], 1.0)
+        else:
+            task_loss = (metrics["loss_sum"] - weight * metrics["adversarial_sum"]) / jnp.maximum(
+                metrics["count"], 1.0)
+        gate = _gate_after_student(method, gate, task_loss)
+    return state.replace(student=train.apply_gradients(s, grads), gate=gate), metrics
 
 
 # ------------------------------------------------------------------------------------------------
@@ -635,7 +696,11 @@ def setup_stage(config: ml_collections.ConfigDict, spec: LossSpec,
     monitor = DiscriminatorMonitor(window=section.health_window,
                                    check_every=config.train.log_every, log=log,
                                    description=description)
-    state = AdversarialState(student=student_state, discriminator=d_state)
+    method = spec.method(KDABert)
+    gate = None
+    if method.adversarial_after_loss_drop > 0 or method.adversarial_max_d_accuracy < 1:
+        gate = sharding.replicate(new_gate(), mesh)
+    state = AdversarialState(student=student_state, discriminator=d_state, gate=gate)
     return state, AlternatingStep(mesh, spec, game, teachers, monitor=monitor, fsdp=fsdp,
                                   grad_accum_steps=config.train.get("grad_accum_steps", 1))
 
@@ -655,10 +720,18 @@ class KDABert(Method):
     adversarial: float = 0.0
     adversarial_warmup: float = 0.1
     adversarial_ramp: float = 0.1
+    # The adaptive gate on top of that schedule (`gate_factor`): the term waits until the
+    # student's running task loss has fallen this fraction below its first value (0 = off), and
+    # backs off as the discriminator's running accuracy nears this bound (1 = off).
+    adversarial_after_loss_drop: float = 0.0
+    adversarial_max_d_accuracy: float = 1.0
 
     TERMS = ("adversarial",)
     RULES = (("adversarial_warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-             ("adversarial_ramp", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = no ramp)"))
+             ("adversarial_ramp", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = no ramp)"),
+             ("adversarial_after_loss_drop", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)"),
+             ("adversarial_max_d_accuracy", lambda v: 0.5 < v <= 1,
+              "must be in (0.5, 1] (1 = off)"))
     changes_update = True
 
     def uses_layer_map(self) -> bool:

@@ -79,9 +79,12 @@ def _fresh_state(mesh) -> adversarial.AdversarialState:
     student_tx, discriminator_tx = _optimizers()
     discriminators = adversarial.Discriminators(len(PAIRS), TEACHER.hidden_size, 32,
                                                 spectral_norm=True, rngs=nnx.Rngs(3))
+    # With the adaptive gate's state (its factor is 1 under SPEC, which turns it off, but its
+    # running means are updated and checkpointed like the rest).
     state = adversarial.AdversarialState(
         train.TrainState.create(module, student_tx),
-        adversarial.DiscriminatorState.create(discriminators, discriminator_tx))
+        adversarial.DiscriminatorState.create(discriminators, discriminator_tx),
+        gate=adversarial.new_gate())
     return sharding.replicate(state, mesh)
 
 
@@ -221,6 +224,34 @@ def test_adversarial_weight_is_zero_in_the_warmup_then_ramps_or_jumps():
     np.testing.assert_allclose(weights, [0.0, 0.1], atol=1e-7)
 
 
+def test_gate_waits_for_the_task_loss_to_fall_then_backs_off_a_winning_discriminator():
+    method = adversarial.KDABert(adversarial=0.1, adversarial_after_loss_drop=0.2,
+                                 adversarial_max_d_accuracy=0.9)
+    gate = adversarial.new_gate()
+    assert float(adversarial.gate_factor(method, gate)) == 0.0  # Closed before any step.
+    gate = adversarial._gate_after_student(method, gate, jnp.asarray(0.7))
+    assert float(gate["start_loss"]) == pytest.approx(0.7)
+    # A plateau at the first loss keeps it closed; the running mean is 0.98 m + 0.02 loss.
+    for _ in range(10):
+        gate = adversarial._gate_after_student(method, gate, jnp.asarray(0.7))
+    assert not bool(gate["opened"])
+    mean = float(gate["loss_mean"])
+    while mean > 0.8 * 0.7:  # By hand: the steps of loss 0.1 it takes to fall 20 % below 0.7.
+        mean = 0.98 * mean + 0.02 * 0.1
+        gate = adversarial._gate_after_student(method, gate, jnp.asarray(0.1))
+    assert bool(gate["opened"]) and float(gate["loss_mean"]) == pytest.approx(mean, rel=1e-5)
+    # Open, it stays open when the loss rises again.
+    gate = adversarial._gate_after_student(method, gate, jnp.asarray(5.0))
+    assert bool(gate["opened"])
+    # D's running accuracy 0.5 -> full weight, 0.7 -> half (0.5..0.9), >= 0.9 -> none.
+    for accuracy, factor in ((0.5, 1.0), (0.7, 0.5), (0.9, 0.0), (0.99, 0.0)):
+        g = {**gate, "d_accuracy_mean": jnp.asarray(accuracy)}
+        assert float(adversarial.gate_factor(method, g)) == pytest.approx(factor, abs=1e-6)
+    # Both off (the old schedule): factor 1, whatever the gate holds.
+    off = adversarial.KDABert(adversarial=0.1)
+    assert float(adversarial.gate_factor(off, adversarial.new_gate())) == 1.0
+
+
 # ------------------------------------------------------------------------------------------------
 # The steps
 
@@ -337,6 +368,7 @@ def test_resumed_run_equals_an_uninterrupted_one(mesh, alternating, tmp_path):
     assert second.finished and second.steps == 5
     a, b = _host(straight.state.arrays()), _host(second.state.arrays())
     assert int(b["discriminator"]["step"]) == 5
+    assert float(b["gate"]["start_loss"]) > 0 and float(b["gate"]["d_accuracy_mean"]) != 0.5
     chex.assert_trees_all_equal(a, b)  # Bitwise: both sides, optimizer states, power vectors.
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"d_loss", "d_real_accuracy", "d_fake_accuracy", "adversarial"} <= set(logged[-1])
@@ -429,7 +461,8 @@ def test_kdabert_distills_end_to_end_through_the_engine(tmp_path, tiny_hf_dir):
         "data.buckets=(16,)",  # One padded length: one compilation per step function.
         "student.layers=1", "student.hidden=16", "student.heads=4", "student.intermediate=32",
         "discriminator.hidden=32", "train.max_steps=4", "train.log_every=2",
-        "train.num_devices=2", "optim.lr=1e-2"]))
+        "train.num_devices=2", "optim.lr=1e-2", "distill.loss.adversarial_after_loss_drop=0.1",
+        "distill.loss.adversarial_max_d_accuracy=0.9"]))
     result = distill.distill(config, tmp_path / "run", progress=False, measure_throughput=False)
     assert result["finished"] and result["stages"]["distill"]["steps"] == 4
     expected = {"accuracy", "teacher_accuracy", "teacher_agreement", "student_layers",
