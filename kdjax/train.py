@@ -465,14 +465,10 @@ def holdout_selection(config: ml_collections.ConfigDict, holdout: data.EncodedSp
     """
     if holdout is None or not len(holdout):
         return None
-    return Selection(score=functools.partial(_score_on, score, holdout),
+    return Selection(score=lambda state: score(state, holdout),
                      metric=data.task_metric(config.data.task),
                      every=config.train.get("holdout_every", 0),
                      patience=config.train.get("patience", 0))
-
-
-def _score_on(score, split, state):
-    return score(state, split)
 
 
 @dataclasses.dataclass

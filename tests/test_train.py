@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdjax import checkpoint, config as config_lib, optim, sharding, train
+from kdjax import checkpoint, config as config_lib, data, optim, sharding, train
+from kdjax import metrics as metrics_lib
 from kdjax.models.bert import BertClassifier, BertConfig
 
 TINY = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -193,7 +194,7 @@ def _toy_split(n=64, length=12, seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(3, length + 1, n).astype(np.int32)
     mask = np.arange(length)[None] < lengths[:, None]
-    return train.data.EncodedSplit((rng.integers(1, 64, (n, length)) * mask).astype(np.int32),
+    return data.EncodedSplit((rng.integers(1, 64, (n, length)) * mask).astype(np.int32),
                                    np.zeros((n, length), np.int32), lengths,
                                    rng.integers(0, 3, n).astype(np.int32))
 
@@ -214,11 +215,11 @@ def _selected_run(tmp_path, scores, *, patience=0, stop_after=0, total_steps=12)
     config_lib.apply_overrides(train_config, [
         "checkpoint_every=2", f"stop_after_steps={stop_after}", "log_every=2"])
     result = train.train_loop(
-        _state(mesh), train.make_train_step(mesh), train.data.Batcher(
+        _state(mesh), train.make_train_step(mesh), data.Batcher(
             _toy_split(), 16, buckets=(12,), shuffle=True, seed=0),
         total_steps=total_steps, train_config=train_config,
         checkpoint_dir=tmp_path / "checkpoints",
-        log=train.metrics_lib.MetricLog(tmp_path), mesh=mesh,
+        log=metrics_lib.MetricLog(tmp_path), mesh=mesh,
         dropout_key=sharding.replicate(jax.random.key(1), mesh), progress=False,
         selection=train.Selection(score=score, every=2, patience=patience))
     return scored, result, params_at
@@ -263,7 +264,7 @@ def test_holdout_slice_is_never_trained_on_and_the_same_for_every_seed(toy_confi
     np.testing.assert_array_equal(inputs.holdout.input_ids, again.holdout.input_ids)
     assert len(inputs.train) == 72 and len(inputs.holdout) == 24
     # Every training row is in exactly one of the two, as the indices say.
-    full = train.data.encode(inputs.task.splits["train"], inputs.tokenizer, inputs.max_length)
+    full = data.encode(inputs.task.splits["train"], inputs.tokenizer, inputs.max_length)
     held = np.setdiff1d(np.arange(96), inputs.train_indices)
     assert len(held) == 24
     np.testing.assert_array_equal(inputs.train.input_ids, full.input_ids[inputs.train_indices])

@@ -274,6 +274,7 @@ class StagedBertRun(StudentRun):
         self.student = DistillStudent(student, teacher_width,
                                       rngs=nnx.Rngs(config.train.seed + 1))
         write_run_files(config, run.workdir, self.inputs.task.label_names)
+        self.augment_info = None  # What the augmented set added, for eval.json (augment.method).
 
     def stage_names(self) -> tuple[str, ...]:
         return tuple(self.run.config.stages)
@@ -338,7 +339,7 @@ class StagedBertRun(StudentRun):
         run = self.run
         return finish(run.config, run.workdir, self.student.model, self.teachers, self.inputs,
                       run.mesh, run.log, run.train_seconds, run.stages, run.measure_throughput,
-                      extra=getattr(self, "augment_info", None))
+                      extra=self.augment_info)
 
 
 # ------------------------------------------------------------------------------------------------
