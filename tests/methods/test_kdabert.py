@@ -421,6 +421,9 @@ def test_configs_run_in_every_setting_and_refuse_bad_values(recipe):
     config = config_lib.load_config(path)
     assert config.setting == "tenth_size" and config.student.hidden == 168
     assert config.distill.loss.hidden == (1.0 if recipe == "kdabert_mse" else 0.0)
+    # The recipes' default: the adaptive gate on (the ungated term held tenth_size at chance).
+    assert (config.distill.loss.adversarial_after_loss_drop,
+            config.distill.loss.adversarial_max_d_accuracy) == (0.2, 0.9)
     for setting in recipes.SETTINGS:
         for kind in adversarial.LOSS_KINDS:
             config = methods.validate(config_lib.load_config(f"{path}:{setting},{kind}"))
