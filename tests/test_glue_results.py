@@ -50,4 +50,30 @@ def test_cola_table_reports_mcc_and_ranks_recipes_for_extra_seeds_on_the_held_ou
     text = out.with_suffix(".md").read_text()
     assert text.startswith("# CoLA dev") and "| dev MCC |" in text
     # The target line compares the headline metric: kd's 30.00 against the control's 10.00.
-    assert "tenth_size best recipe vs control: kd 30.00 % vs control 10.00 %" in text
+    assert ("tenth_size best recipe vs control (baseline, 100 steps): kd 30.00 % vs control "
+            "10.00 %") in text
+
+
+def _row(recipe, steps, metric, setting="tenth_size"):
+    return {"setting": setting, "recipe": recipe, "train_steps": steps, "dev_metric": metric}
+
+
+def test_a_recipe_is_held_against_the_control_of_at_least_its_steps():
+    rows = [_row("baseline", 300, 0.10), _row("baseline@x3", 900, 0.20),
+            _row("baseline", 900, 0.9, setting="half_depth")]
+    control = lambda steps: glue_results.control_for(rows, _row("kd", steps, 0.3))["recipe"]
+    assert control(300) == "baseline"  # Equal steps: the control of its own length.
+    assert control(600) == "baseline@x3"  # MiniLM's two stages: the longer control.
+    assert control(900) == "baseline@x3"  # TinyBERT's three stages.
+    assert control(1200) == "baseline@x3"  # Longer than every control: the longest.
+    assert glue_results.control_for([_row("kd", 300, 0.3)], _row("kd", 300, 0.3)) is None
+
+
+def test_epochs_set_every_stage_and_a_longer_control_multiplies_them():
+    tinybert = glue_results._config("tinybert", "tenth_size", [], epochs=3)
+    assert [tinybert[s].epochs for s in tinybert.stages] == [3.0, 3.0, 3.0]
+    assert glue_results._config("newsbert", "half_depth", [], epochs=3).newsbert.epochs == 3.0
+    longer = glue_results._config("baseline@x3", "tenth_size", [], epochs=3)
+    assert [longer[s].epochs for s in longer.stages] == [9.0]
+    assert longer.recipe == "baseline"
+    assert glue_results._config("kd", "tenth_size", []).distill.epochs == 1.0  # The config's.
