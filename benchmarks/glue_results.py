@@ -73,9 +73,14 @@ def is_control(setting: str, recipe: str) -> bool:
 LONGER = "@x"
 
 
-def _config(recipe: str, setting: str, overrides: list[str], epochs: float = 0.0):
+def _config(recipe: str, setting: str, overrides: list[str], epochs: float = 0.0,
+            teacher_epochs: float = 0.0):
     """The recipe's validated config in the setting. `epochs` > 0 sets every stage's passes over
-    its data (the protocol of a task, e.g. 3 on CoLA and RTE) before the overrides."""
+    its data (the protocol of a task, e.g. 3 on CoLA and RTE) before the overrides.
+
+    NewsBERT has no separate teacher fine-tune: its joint run gets the passes the other
+    recipes' shared teacher ran (`teacher_epochs`) plus the student's, the same total budget,
+    and the teacher fine-tuning overrides (teacher.epochs, .optim, .patience) do not apply."""
     from kdjax import config as config_lib, methods
     name, _, factor = recipe.partition(LONGER)
     config = config_lib.load_config(f"{REPO_ROOT / 'configs' / name}.py:{setting}")
@@ -84,8 +89,24 @@ def _config(recipe: str, setting: str, overrides: list[str], epochs: float = 0.0
         for stage in config.get("stages", ()):
             config[stage].epochs = (epochs or config[stage].epochs) * scale
         if "newsbert" in config:
-            config.newsbert.epochs = (epochs or config.newsbert.epochs) * scale
+            config.newsbert.epochs = (teacher_epochs
+                                      + (epochs or config.newsbert.epochs)) * scale
+    if "epochs" not in config.teacher:
+        overrides = [o for o in overrides if not o.startswith(_TEACHER_FINE_TUNING)]
     return methods.validate(config_lib.apply_overrides(config, overrides))
+
+
+# The teacher section's fine-tuning keys, absent from a recipe whose teacher is not fine-tuned
+# beforehand (NewsBERT).
+_TEACHER_FINE_TUNING = ("teacher.epochs=", "teacher.optim.", "teacher.patience=")
+
+
+def _teacher_epochs(teacher: str) -> float:
+    """Passes over the training data the shared teacher's fine-tune ran (its eval.json)."""
+    record = pathlib.Path(teacher).parent / "eval.json"
+    if not record.is_file():
+        return 0.0  # A teacher given by path, fine-tuned elsewhere: its budget is unknown.
+    return json.loads(record.read_text()).get("epochs", 0.0)
 
 
 def _teacher(setting: str, workdir: pathlib.Path, given: str | None, overrides: list[str],
@@ -135,7 +156,7 @@ def _selection_score(result: dict) -> float:
 
 def run_one(setting: str, recipe: str, seed: int, teacher: list[str], workdir: pathlib.Path,
             overrides: list[str], measure: bool, only_finished: bool = False,
-            epochs: float = 0.0) -> dict:
+            epochs: float = 0.0, teacher_epochs: float = 0.0) -> dict:
     from kdjax import distill
     run_dir = workdir / setting / f"{recipe}-seed{seed}"
     finished = None
@@ -145,7 +166,8 @@ def run_one(setting: str, recipe: str, seed: int, teacher: list[str], workdir: p
             return finished
     if only_finished:
         raise NotRun(run_dir)
-    config = _config(recipe, setting, overrides + teacher + [f"train.seed={seed}"], epochs)
+    config = _config(recipe, setting, overrides + teacher + [f"train.seed={seed}"], epochs,
+                     teacher_epochs)
     print(f"== {setting} / {recipe} / seed {seed}", flush=True)
     start = time.perf_counter()
     result = distill.distill(config, run_dir, progress=False, measure_throughput=measure)
@@ -368,6 +390,9 @@ def main(argv=None) -> None:
         else:
             teacher = _teacher(setting, workdir, args.teacher,
                                [o for o in overrides if not o.startswith("train.max")])
+        # NewsBERT's joint run adds the teacher's fine-tuning passes to its own. Not in
+        # few_labels: there its labelled rows already repeat as often as the teacher saw them.
+        teacher_epochs = 0.0 if setting == "few_labels" else _teacher_epochs(teacher)
         results, speed = {}, {}
         for recipe in recipes:
             if (setting, recipe) in NOT_APPLICABLE:
@@ -379,7 +404,8 @@ def main(argv=None) -> None:
                                                    args.teacher, overrides)
                                 if not args.only_finished else [f"teacher.name={teacher}"])
                 results[recipe] = [run_one(setting, recipe, 0, teacher_args, workdir, overrides,
-                                           measure, args.only_finished, args.epochs)]
+                                           measure, args.only_finished, args.epochs,
+                                           teacher_epochs)]
             except NotRun:
                 continue
             _write_rows(rows, setting, results, speed, budget, notes, args, argv)
@@ -401,7 +427,7 @@ def main(argv=None) -> None:
                                     if not args.only_finished else [f"teacher.name={teacher}"])
                     results[recipe].append(run_one(setting, recipe, seed, teacher_args, workdir,
                                                    overrides, False, args.only_finished,
-                                                   args.epochs))
+                                                   args.epochs, teacher_epochs))
                 except NotRun:
                     break
             _write_rows(rows, setting, results, speed, budget, notes, args, argv)

@@ -701,6 +701,9 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     state = run.state
     result = score(state, inputs.dev)
     result.update(steps=run.steps, train_seconds=run.train_seconds, finished=True,
+                  # Passes over the training split actually run (fewer than train.epochs when
+                  # the held-out slice stopped it): the budget a results table reports.
+                  epochs=run.steps / batcher.num_batches,
                   train_examples_per_s=run.examples_seen / max(run.train_seconds, 1e-9),
                   **run.selection_record())
     if len(inputs.holdout):

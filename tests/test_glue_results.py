@@ -72,7 +72,12 @@ def test_a_recipe_is_held_against_the_control_of_at_least_its_steps():
 def test_epochs_set_every_stage_and_a_longer_control_multiplies_them():
     tinybert = glue_results._config("tinybert", "tenth_size", [], epochs=3)
     assert [tinybert[s].epochs for s in tinybert.stages] == [3.0, 3.0, 3.0]
-    assert glue_results._config("newsbert", "half_depth", [], epochs=3).newsbert.epochs == 3.0
+    # NewsBERT's joint run: the shared teacher's passes plus the student's; the teacher
+    # fine-tuning overrides other rows take do not apply to it (and are not refused).
+    news = glue_results._config("newsbert", "half_depth", ["teacher.epochs=10",
+                                                             "teacher.patience=3"],
+                                epochs=3, teacher_epochs=4.5)
+    assert news.newsbert.epochs == 7.5 and "epochs" not in news.teacher
     longer = glue_results._config("baseline@x3", "tenth_size", [], epochs=3)
     assert [longer[s].epochs for s in longer.stages] == [9.0]
     assert longer.recipe == "baseline"

@@ -62,6 +62,9 @@ def test_tinybert_runs_its_three_stages_with_a_narrow_student(tmp_path, tiny_hf_
     assert "selected_step" not in result["stages"]["general"]
     teacher = json.loads((tmp_path / "run" / "teacher-seed0" / "eval.json").read_text())
     assert teacher["holdout_examples"] == 24 and teacher["selected_step"] >= 1
+    # Its budget in passes over the 72 rows left for training (a results table reports it).
+    batches = -(-72 // config.data.batch_size)
+    assert teacher["epochs"] == pytest.approx(teacher["steps"] / batches)
     logged = [json.loads(line)["split"] for line in
               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"general", "intermediate", "prediction", "dev"} <= set(logged)
