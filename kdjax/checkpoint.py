@@ -46,6 +46,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints of steps after `step`; returns those steps."""
+        later = [s for s in self.all_steps() if s > step]
+        for s in later:
+            self._manager.delete(s)
+        return later
+
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Starts saving `state` (a pytree of arrays) and `meta` (JSON) as `step`."""
         self._manager.save(step, args=ocp.args.Composite(

@@ -543,6 +543,11 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
                   f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", flush=True)
     best_ckpt = (checkpoint.Checkpointer(checkpoint_dir.parent / "best", keep=1)
                  if selection is not None else None)
+    if best_ckpt is not None:
+        # A best state saved after the restored step comes from a stretch that was interrupted
+        # before its next checkpoint; this run replays that stretch exactly (same batches and
+        # dropout keys) and saves it again.
+        best_ckpt.discard_after(start_step)
 
     def save(step: int) -> None:
         epoch, index = divmod(step, batcher.num_batches)

@@ -199,7 +199,8 @@ def _toy_split(n=64, length=12, seed=0):
                                    rng.integers(0, 3, n).astype(np.int32))
 
 
-def _selected_run(tmp_path, scores, *, patience=0, stop_after=0, total_steps=12):
+def _selected_run(tmp_path, scores, *, patience=0, stop_after=0, total_steps=12,
+                  checkpoint_every=2):
     """The training loop on the tiny model with a scripted held-out score per step: which
     steps were scored, the result, and each scored step's parameters."""
     mesh = sharding.make_mesh(1)
@@ -213,7 +214,8 @@ def _selected_run(tmp_path, scores, *, patience=0, stop_after=0, total_steps=12)
 
     train_config = config_lib.load_config("configs/finetune.py").train
     config_lib.apply_overrides(train_config, [
-        "checkpoint_every=2", f"stop_after_steps={stop_after}", "log_every=2"])
+        f"checkpoint_every={checkpoint_every}", f"stop_after_steps={stop_after}",
+        "log_every=2"])
     result = train.train_loop(
         _state(mesh), train.make_train_step(mesh), data.Batcher(
             _toy_split(), 16, buckets=(12,), shuffle=True, seed=0),
@@ -241,6 +243,22 @@ def test_selection_returns_the_best_scored_state_and_resumes_to_the_same_choice(
     assert first == [2, 4] and not partial.finished and partial.selected_step is None
     second, resumed, _ = _selected_run(tmp_path / "resumed", scores)
     assert second == [6, 8, 10, 12] and resumed.selected_step == 4
+    chex.assert_trees_all_equal(jax.device_get(resumed.state.params), params_at[4])
+
+
+def test_a_kill_after_a_best_save_and_before_a_checkpoint_replays_to_the_same_choice(
+        tmp_path):
+    import shutil
+
+    scores = {2: 0.5, 4: 0.8, 6: 0.7, 8: 0.8, 10: 0.6, 12: 0.75}
+    _, straight, params_at = _selected_run(tmp_path / "straight", scores)
+    # Killed at step 3: best/ holds step 2, no regular checkpoint was written (the one the
+    # stop writes is removed), so the rerun starts from step 0 and replays step 2.
+    _selected_run(tmp_path / "killed", scores, stop_after=3, checkpoint_every=100)
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "3")
+    assert [p.name for p in (tmp_path / "killed" / "best").iterdir()] == ["2"]
+    scored, resumed, _ = _selected_run(tmp_path / "killed", scores, checkpoint_every=100)
+    assert scored == [2, 4, 6, 8, 10, 12] and resumed.selected_step == 4
     chex.assert_trees_all_equal(jax.device_get(resumed.state.params), params_at[4])
 
 
