@@ -352,7 +352,8 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
     ckpt_dir = hf.resolve_checkpoint(config.model.name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt_dir))
     task = data.load_task(cfg.task, train_file=cfg.train_file, dev_file=cfg.dev_file,
-                          text_columns=tuple(cfg.text_columns), label_column=cfg.label_column)
+                          text_columns=tuple(cfg.text_columns), label_column=cfg.label_column,
+                          quoting=cfg.get("quoting", "auto"))
     max_length = cfg.max_length
     if not max_length:
         # Auto: the smallest length bucket that holds 99 % of the training examples whole.
