@@ -277,7 +277,9 @@ def _jsonl_rows(path: pathlib.Path, lines: list[str],
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {line_no}: invalid JSON ({e.msg})") from None
+            # json's messages end in " at" and expect a position after them.
+            raise DataError(f"{path} line {line_no}: invalid JSON ({e.msg.removesuffix(' at')} "
+                            f"at column {e.pos + 1})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {line_no}: expected a JSON object, "
                             f"got {type(record).__name__}")
