@@ -250,8 +250,8 @@ def _delimited_rows(path: pathlib.Path, lines: list[str], columns: tuple[str, ..
         # A wrong field count means a stray delimiter inside a text, which shifts every column
         # after it; reading on would pair texts with the wrong labels.
         if len(record) != len(header):
-            raise DataError(f"{path} line {line_no}: {len(record)} fields, expected "
-                            f"{len(header)} "
+            raise DataError(f"{path} line {line_no}: {len(record)} "
+                            f"field{'s' if len(record) != 1 else ''}, expected {len(header)} "
                             f"{_field_count_hint(lines[line_no - 1], delimiter, quoting)}")
         rows.append((line_no, [record[p] for p in positions]))
     return rows

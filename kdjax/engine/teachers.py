@@ -145,9 +145,9 @@ def prepare_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             differing = sorted(set(vocabulary.items()) ^ set(first_vocabulary.items()))
             raise DistillError(
                 f"teacher.extra {extra} has another tokenizer than the first teacher {dirs[0]} "
-                f"({len(vocabulary)} vs {len(first_vocabulary)} tokens; first difference: "
-                f"{differing[0][0]!r}); every teacher reads the first teacher's token ids, so "
-                "all need its vocabulary")
+                f"({len(vocabulary)} vs {len(first_vocabulary)} tokens, e.g. {differing[0][0]!r} "
+                "differs); every teacher reads the first teacher's token ids, so all need its "
+                "vocabulary")
         dirs.append(directory)
     return dirs
 
