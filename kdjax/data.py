@@ -193,7 +193,10 @@ def read_examples(
 
 def _decode_lines(path: pathlib.Path) -> list[str]:
     """The file's lines (line endings kept), decoded one by one so a bad byte names its line."""
-    lines = path.read_bytes().splitlines(keepends=True)
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+    except OSError as e:  # No permission, a vanished network file, ...
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     decoded = []
     for line_no, raw in enumerate(lines, start=1):
         try:

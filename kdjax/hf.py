@@ -105,8 +105,8 @@ def resolve_checkpoint(name_or_path: str) -> pathlib.Path:
 
 def _is_local_path(name: str) -> bool:
     """True when `name` can only be a filesystem path, never a hub id ("name", "owner/name")."""
-    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/"
-            and os.sep in name)
+    windows_path = os.sep != "/" and os.sep in name
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or windows_path
 
 
 # ------------------------------------------------------------------------------------------------

@@ -301,6 +301,19 @@ def test_teachers_whose_tokenizers_differ(case, capsys):
     assert "vs 30522 tokens, e.g. " in message
 
 
+def test_an_extra_teacher_with_the_same_labels_and_tokenizer_is_accepted(case):
+    """The control of the two refusals above: a copy of the first teacher passes both checks."""
+    import ml_collections
+
+    from kdjax.engine.teachers import prepare_teachers
+
+    shutil.copytree(case / "model", case / "copy")
+    config = ml_collections.ConfigDict({"teacher": {
+        "name": str(case / "model"), "seeds": (0,), "extra": (str(case / "copy"),)}})
+    assert prepare_teachers(config, case / "run", list(LABELS)) == [case / "model",
+                                                                    case / "copy"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Runs
 
