@@ -216,9 +216,11 @@ def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
         try:
             state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+            # Its first sentence says what failed; the rest is general advice.
+            first_sentence = str(e).strip().split("\n")[0].split(". ")[0].rstrip(".")
             raise CheckpointError(f"{bin_file}: unreadable PyTorch checkpoint "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                                  "; truncated or damaged?)") from None
+                                  f"({type(e).__name__}: {first_sentence}; truncated or "
+                                  "damaged?)") from None
         return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
                 for k, v in state.items()}
     raise CheckpointError(f"{ckpt_dir}: no model.safetensors or pytorch_model.bin")

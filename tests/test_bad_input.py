@@ -249,6 +249,21 @@ def test_truncated_model_safetensors(case, capsys):
     assert message.endswith("truncated or damaged? download or export it again)"), message
 
 
+def test_truncated_pytorch_model_bin(case, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = case / "model" / "pytorch_model.bin"
+    torch.save(load_file(str(case / "model" / "model.safetensors")), weights)
+    (case / "model" / "model.safetensors").unlink()
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    message = refused(fine_tune_args(case), case, capsys)
+    assert message == (f"{weights}: unreadable PyTorch checkpoint (RuntimeError: "
+                       "PytorchStreamReader failed reading zip archive: failed finding central "
+                       "directory; truncated or damaged?)")
+
+
 def test_unsupported_architecture(case, capsys):
     _edit_config(case / "model", model_type="gpt2", architectures=["GPT2LMHeadModel"])
     message = refused(fine_tune_args(case), case, capsys)
