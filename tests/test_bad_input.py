@@ -395,7 +395,7 @@ def test_damaged_teacher_cache_is_rebuilt_saying_so(tmp_path, capsys):
     (lambda root: fine_tune_args(root, "--config.data.no_such_key=1"),
      "unknown config key 'data.no_such_key'"),
     (lambda root: ["export", "--workdir", str(root / "run")], "config.json not found"),
-])
+], ids=["unknown_config_key", "export_of_no_run"])
 def test_bin_kdjax_exits_2_with_one_line(case, make_args, message):
     before = snapshot(case)
     done = subprocess.run([sys.executable, str(REPO_ROOT / "bin" / "kdjax"), *make_args(case)],
