@@ -392,10 +392,11 @@ def test_damaged_teacher_cache_is_rebuilt_saying_so(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda root: fine_tune_args(root, "--config.data.no_such_key=1"),
-     "unknown config key 'data.no_such_key'"),
+    # A key this checkout has: the subprocess must import this kdjax, not an installed one.
+    (lambda root: fine_tune_args(root, "--config.data.quoting=tsv"),
+     "config key 'data.quoting' must be 'auto', 'none' or 'csv', got 'tsv'"),
     (lambda root: ["export", "--workdir", str(root / "run")], "config.json not found"),
-], ids=["unknown_config_key", "export_of_no_run"])
+], ids=["out_of_range_value", "export_of_no_run"])
 def test_bin_kdjax_exits_2_with_one_line(case, make_args, message):
     before = snapshot(case)
     done = subprocess.run([sys.executable, str(REPO_ROOT / "bin" / "kdjax"), *make_args(case)],
