@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.main(args)
     except (config_lib.ConfigError, data.DataError, hf.CheckpointError, FileNotFoundError,
             train.TrainingDiverged, ValueError) as e:
-        print(f"kdjax {args.command}: error: {e}", file=sys.stderr)
+        # One line, whatever the message: a wrapped library message may span several.
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"kdjax {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -64,6 +64,9 @@ def data_config() -> ml_collections.ConfigDict:
     data.dev_file = ""
     data.text_columns = ("sentence",)  # One column, or two for sentence pairs.
     data.label_column = "label"
+    # Whether `"` quotes a TSV/CSV field: none (quotes are text, GLUE's convention), csv (a
+    # quoted field may hold delimiters, quotes and line breaks), auto (none for .tsv, csv for .csv).
+    data.quoting = "auto"
     # Tokens per example; 0 = the smallest length bucket holding 99 % of the training set whole.
     data.max_length = 64
     data.buckets = ()  # Padded lengths jit compiles for; () = the default ladder.
@@ -215,6 +218,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.dev_limit", lambda v: v >= 0, "must be >= 0 (0 = all)"),
     ("data.holdout_fraction", lambda v: 0 <= v <= 0.5,
      "must be in [0, 0.5] (the share of labelled training examples held out; 0 = off)"),
+    ("data.quoting", lambda v: v in ("auto", "none", "csv"), "must be 'auto', 'none' or 'csv'"),
     ("data.text_columns", lambda v: len(v) in (0, 1, 2), "must name 1 or 2 columns"),
     ("data.buckets", lambda v: all(b >= 1 for b in v), "must be positive lengths"),
     ("model.dtype", lambda v: v in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),

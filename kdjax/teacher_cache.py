@@ -27,6 +27,12 @@ change gives a new key and a recomputation. A directory appears only by an atomi
 finished temporary one, and one whose manifest or file does not match what it should hold is
 never read. The file is written and read memory-mapped, so a hidden-state cache larger than RAM
 works; batches gather their rows from the mapping.
+
+The manifest also holds a checksum of every stored tensor's bytes, computed when the cache is
+written and checked each time a run reuses it (one sequential read of the file, about a second
+per GB): values changed on disk after the write (a bad copy, another program, a damaged disk)
+keep the file's size and header, so only the bytes themselves can show it. A cache whose data do
+not match is rebuilt, with a line saying so.
 """
 
 from __future__ import annotations
@@ -217,6 +223,19 @@ def open_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
+def tensor_checksums(tensors: dict[str, np.ndarray]) -> dict[str, str]:
+    """BLAKE2b digest (hex) of each tensor's raw bytes, read in 16 MB slices so a memory-mapped
+    tensor larger than RAM is streamed, not loaded."""
+    sums = {}
+    for name in sorted(tensors):
+        raw = np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8)
+        h = hashlib.blake2b(digest_size=16)
+        for start in range(0, raw.size, 1 << 24):
+            h.update(raw[start:start + (1 << 24)])
+        sums[name] = h.hexdigest()
+    return sums
+
+
 # ------------------------------------------------------------------------------------------------
 # The cache
 
@@ -319,8 +338,10 @@ def make_teacher_outputs_step(mesh: Mesh, layers: tuple[int, ...]):
                    static_argnums=0, in_shardings=(rep, split), out_shardings=split)
 
 
-def _valid_cache(directory: pathlib.Path, manifest_expected: dict) -> tuple[dict, dict] | str:
-    """(manifest, tensors) of a complete cache matching `manifest_expected`, else why not."""
+def _valid_cache(directory: pathlib.Path, manifest_expected: dict, *,
+                 verify_data: bool = True) -> tuple[dict, dict] | str:
+    """(manifest, tensors) of a complete cache matching `manifest_expected`, else why not.
+    `verify_data` also compares the tensors' bytes with the manifest's checksums."""
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
         return "no manifest (an interrupted or foreign directory)"
@@ -341,6 +362,16 @@ def _valid_cache(directory: pathlib.Path, manifest_expected: dict) -> tuple[dict
     if (directory / OUTPUTS_FILE).stat().st_size != manifest["file_bytes"]:
         return f"{OUTPUTS_FILE} has {(directory / OUTPUTS_FILE).stat().st_size} bytes, the " \
                f"manifest says {manifest['file_bytes']}"
+    if verify_data:
+        expected_sums = manifest.get("checksums")
+        if not isinstance(expected_sums, dict):
+            return f"{MANIFEST_FILE} has no checksums (written by an older kdjax)"
+        actual_sums = tensor_checksums(tensors)
+        changed = [name for name in sorted(actual_sums)
+                   if expected_sums.get(name) != actual_sums[name]]
+        if changed:
+            return (f"the data of {', '.join(changed)} in {OUTPUTS_FILE} do not match the "
+                    f"checksums in {MANIFEST_FILE} (changed or damaged after they were written)")
     return manifest, tensors
 
 
@@ -425,7 +456,7 @@ def load_or_compute(teacher_dirs: Sequence[str | os.PathLike], teachers: Sequenc
         if not isinstance(found, str):
             return _cache_from(directory, *found, computed=False)
         if main:
-            print(f"ignoring the teacher-output cache {directory}: {found}; recomputing",
+            print(f"teacher-output cache {directory} is not usable: {found}; rebuilding it",
                   flush=True)
 
     if main:
@@ -461,12 +492,16 @@ def load_or_compute(teacher_dirs: Sequence[str | os.PathLike], teachers: Sequenc
         for array in sinks.values():
             if isinstance(array, np.memmap):
                 array.flush()
+        # From the file just written (not the arrays in memory), so what is checked on reuse is
+        # exactly what reached the disk.
+        checksums = tensor_checksums(open_safetensors(tmp / OUTPUTS_FILE))
         del sinks
         manifest = {**expected, "examples": len(split), "teachers": len(teachers),
                     "num_labels": num_labels, "hidden_layers": list(hidden_layers),
                     "hidden_size": hidden_size, "tokens": estimate["tokens"],
                     "bytes": estimate["total"],
                     "file_bytes": (tmp / OUTPUTS_FILE).stat().st_size,
+                    "checksums": checksums,
                     "teacher_dirs": [str(d) for d in teacher_dirs],
                     "seconds": seconds, "examples_per_s": rate, "created": time.time()}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -479,7 +514,8 @@ def load_or_compute(teacher_dirs: Sequence[str | os.PathLike], teachers: Sequenc
         print(f"teacher outputs of {len(split):,} examples computed in {seconds:.1f} s "
               f"({rate:,.0f}/s); cached in {directory}", flush=True)
     distributed.barrier(f"kdjax teacher cache {key} written")
-    found = _valid_cache(directory, expected)
+    # Its checksums were computed from this very file a moment ago.
+    found = _valid_cache(directory, expected, verify_data=False)
     if isinstance(found, str):
         raise CacheError(f"the teacher-output cache {directory} written a moment ago is "
                          f"unreadable: {found}")

@@ -350,9 +350,18 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
 
     cfg = config.data
     ckpt_dir = hf.resolve_checkpoint(config.model.name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt_dir))
+    # A checkpoint this BERT cannot load is refused before its tokenizer (whose own error for a
+    # foreign architecture is a page of text) and before minutes of reading and tokenising.
+    hf.read_config(ckpt_dir)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt_dir))
+    except (OSError, ValueError) as e:
+        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise hf.CheckpointError(f"{ckpt_dir}: no usable tokenizer ({type(e).__name__}: "
+                                 f"{first_line})") from None
     task = data.load_task(cfg.task, train_file=cfg.train_file, dev_file=cfg.dev_file,
-                          text_columns=tuple(cfg.text_columns), label_column=cfg.label_column)
+                          text_columns=tuple(cfg.text_columns), label_column=cfg.label_column,
+                          quoting=cfg.get("quoting", "auto"))
     max_length = cfg.max_length
     if not max_length:
         # Auto: the smallest length bucket that holds 99 % of the training examples whole.
@@ -741,6 +750,16 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None,
         if not (workdir / name).is_file():
             raise FileNotFoundError(f"{workdir / name} not found; is {workdir} a kdjax run "
                                     "directory?")
+    # Checked before Orbax opens the directory: it would create an empty checkpoints/ in the
+    # run (a refused export must change nothing) and then fail with a message about no step.
+    checkpoints = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in checkpoints.iterdir()
+                   if p.is_dir() and p.name.isdigit()) if checkpoints.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: no checkpoint to export ({checkpoints} is missing "
+                                "or holds no finished step); run or resume the training first")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (steps saved: {steps})")
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     label_names = json.loads((workdir / "labels.json").read_text())
     bert_config, _ = hf.read_config(hf.resolve_checkpoint(config.model.name))

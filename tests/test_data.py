@@ -125,8 +125,52 @@ def test_wrong_number_of_text_columns(tmp_path):
 
 def test_stray_delimiter_is_an_error(tmp_path):
     path = _write(tmp_path / "t.tsv", "sentence\tlabel\nok\t1\na\ttab inside\t0\n")
-    with pytest.raises(DataError, match=r"t\.tsv line 3: 3 fields, but the file has 2 columns"):
+    with pytest.raises(DataError,
+                       match=r"t\.tsv line 3: 3 fields, expected 2 \(a tab inside a text\?\)"):
         data.read_examples(path, ["sentence"], "label")
+
+
+def test_quoting_csv_reads_tabs_quotes_and_line_breaks_in_a_tsv(tmp_path):
+    path = _write(tmp_path / "t.tsv", 'sentence\tlabel\n"a\ttab, ""quoted""\nand a break"\t1\n'
+                                      'plain "bare" quote\t0\n')
+    examples, _ = data.read_examples(path, ["sentence"], "label", quoting="csv")
+    assert examples == [Example('a\ttab, "quoted"\nand a break', None, 1),
+                        Example('plain "bare" quote', None, 0)]  # mid-field quotes are text
+
+
+def test_quoting_none_keeps_quotes_in_a_csv(tmp_path):
+    path = _write(tmp_path / "t.csv", 'sentence,label\n"hi" she said,1\n')
+    examples, _ = data.read_examples(path, ["sentence"], "label", quoting="none")
+    assert examples == [Example('"hi" she said', None, 0)]
+    # Read as csv (the default for .csv), the quote that opens the field must close it.
+    with pytest.raises(DataError, match=r"t\.csv line 2: malformed quoted field .*"
+                                        r"set data\.quoting=none\)$"):
+        data.read_examples(path, ["sentence"], "label")
+
+
+def test_quoted_field_under_quoting_none_names_the_option(tmp_path):
+    path = _write(tmp_path / "t.tsv", 'sentence\tlabel\nok\t1\n"a\tb"\t0\n')
+    with pytest.raises(DataError, match=r"t\.tsv line 3: 3 fields, expected 2 \(a quoted field "
+                                        r"holding a tab or a line break\? set data\.quoting=csv\)"):
+        data.read_examples(path, ["sentence"], "label")
+    examples, _ = data.read_examples(path, ["sentence"], "label", quoting="csv")
+    assert examples[1] == Example("a\tb", None, 0)
+
+
+def test_unclosed_quote_under_quoting_csv_names_its_line(tmp_path):
+    path = _write(tmp_path / "t.tsv", 'sentence\tlabel\nok\t1\n"never closed\t0\nx\t1\n')
+    with pytest.raises(DataError, match=r"t\.tsv line 3: a quoted field is not closed before the "
+                                        r"end of the file \(.*set data\.quoting=none\)"):
+        data.read_examples(path, ["sentence"], "label", quoting="csv")
+
+
+def test_byte_order_mark_in_header_is_ignored(tmp_path):
+    for name, text in (("t.tsv", "sentence\tlabel\nx\t1\n"), ("t.csv", "sentence,label\nx,1\n")):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        for quoting in ("none", "csv"):
+            examples, _ = data.read_examples(path, ["sentence"], "label", quoting=quoting)
+            assert examples == [Example("x", None, 0)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +230,7 @@ def test_headerless_tsv_named_by_header(tmp_path):
     with pytest.raises(DataError, match=r"line 1: missing column 'sentence'"):
         data.read_examples(path, ["sentence"], "label")
     bad = _write(tmp_path / "bad.tsv", "gj04\t1\t\tok\nclc95\t0\tno mark column\n")
-    with pytest.raises(DataError, match=r"bad\.tsv line 2: 3 fields, but the file has 4 columns"):
+    with pytest.raises(DataError, match=r"bad\.tsv line 2: 3 fields, expected 4"):
         data.read_examples(bad, ["sentence"], "label", header=data.GLUE_HEADERLESS["cola"])
 
 

@@ -214,6 +214,42 @@ def test_partial_or_mismatching_directories_are_never_read(tmp_path, mesh, teach
                       layers=(0, 2, 4)).computed
 
 
+def test_values_overwritten_in_place_are_caught_by_the_checksum(tmp_path, mesh, teachers,
+                                                                  capsys):
+    """Same size, same header, other numbers: only the manifest's checksum can tell."""
+    dirs, models = teachers
+    split = _split(0)
+    good = _build(dirs, models, split, mesh, tmp_path / "cache")
+    outputs = good.directory / "outputs.safetensors"
+    assert set(good.manifest["checksums"]) == {"logits"}
+    size, header = outputs.stat().st_size, outputs.read_bytes()[:64]
+    with open(outputs, "r+b") as f:  # The last example's logits of both teachers.
+        f.seek(size - 6 * 4)
+        f.write(np.full(6, 123.0, np.float32).tobytes())
+    assert outputs.stat().st_size == size and outputs.read_bytes()[:64] == header
+    capsys.readouterr()
+    again = _build(dirs, models, split, mesh, tmp_path / "cache")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "not usable" in line]
+    assert lines == [f"teacher-output cache {good.directory} is not usable: the data of logits "
+                     "in outputs.safetensors do not match the checksums in manifest.json "
+                     "(changed or damaged after they were written); rebuilding it"]
+    assert again.computed and again.directory == good.directory
+    for k, model in enumerate(models):
+        np.testing.assert_allclose(again.logits[:, k], _direct(model, split)[0], atol=1e-5)
+    assert not _build(dirs, models, split, mesh, tmp_path / "cache").computed
+
+
+def test_a_cache_without_checksums_is_rebuilt(tmp_path, mesh, teachers, capsys):
+    dirs, models = teachers
+    good = _build(dirs[:1], models[:1], _split(0), mesh, tmp_path / "cache")
+    manifest_path = good.directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["checksums"]  # As an older kdjax wrote it.
+    manifest_path.write_text(json.dumps(manifest))
+    assert _build(dirs[:1], models[:1], _split(0), mesh, tmp_path / "cache").computed
+    assert "manifest.json has no checksums" in capsys.readouterr().out
+
+
 def test_too_large_a_cache_is_refused_naming_the_key(tmp_path, mesh, teachers):
     dirs, models = teachers
     split = _split(0)

@@ -183,7 +183,8 @@ def start_task(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     task = data.load_task(config.data.task, train_file=config.data.train_file,
                           dev_file=config.data.dev_file,
                           text_columns=tuple(config.data.text_columns),
-                          label_column=config.data.label_column, splits=("dev",))
+                          label_column=config.data.label_column, splits=("dev",),
+                          quoting=config.data.get("quoting", "auto"))
     teacher_dirs = prepare_teachers(config, workdir, task.label_names, progress=progress)
     task_config = ml_collections.ConfigDict({"model": {"name": str(teacher_dirs[0])},
                                              "data": config.data.to_dict()})

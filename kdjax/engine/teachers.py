@@ -131,13 +131,32 @@ def prepare_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                     raise DistillError(f"teacher fine-tuning in {run_dir} stopped early "
                                        "(train.stop_after_steps); rerun to finish it")
             dirs.append(run_dir / "model")
+    first_vocabulary = None
     for extra in config.teacher.extra:
         directory = hf.resolve_checkpoint(extra)
         if hf.label_names_of(directory) != label_names:
             raise DistillError(f"teacher.extra {extra} is not fine-tuned for this task's labels "
                                f"{label_names}")
+        # The data are tokenised once, with the first teacher's tokenizer, and every teacher
+        # reads those ids: another vocabulary would silently read other words.
+        first_vocabulary = first_vocabulary or _vocabulary(dirs[0])
+        vocabulary = _vocabulary(directory)
+        if vocabulary != first_vocabulary:
+            differing = sorted(set(vocabulary.items()) ^ set(first_vocabulary.items()))
+            raise DistillError(
+                f"teacher.extra {extra} has another tokenizer than the first teacher {dirs[0]} "
+                f"({len(vocabulary)} vs {len(first_vocabulary)} tokens, e.g. {differing[0][0]!r} "
+                "differs); every teacher reads the first teacher's token ids, so all need its "
+                "vocabulary")
         dirs.append(directory)
     return dirs
+
+
+def _vocabulary(directory) -> dict[str, int]:
+    """token -> id of a checkpoint directory's tokenizer."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(directory)).get_vocab()
 
 
 def load_teachers(directories, *, dtype: str, mlm_head: bool = False) -> list:
