@@ -145,6 +145,29 @@ def cka_matrix(student_layers: list[np.ndarray], teacher_layers: list[np.ndarray
     return np.array([[linear_cka(s, t) for t in teacher_layers] for s in student_layers])
 
 
+# File name of the dev outputs a distillation or fine-tuning run leaves for `kdjax report`.
+DEV_LOGITS_FILE = "dev_logits.npz"
+
+
+def write_dev_logits(path: pathlib.Path, labels: np.ndarray, student: np.ndarray,
+                     teacher: np.ndarray | None = None) -> None:
+    """Saves the dev logits (`student`: the run's trained model; `teacher`, when there is one)
+    and labels, so a report computes calibration, KL and agreement without rerunning a model.
+    Written by process 0, into a temporary file renamed into place (a kill leaves no half file).
+    """
+    from kdjax import distributed
+
+    if not distributed.is_main_process():
+        return
+    arrays = {"labels": np.asarray(labels, np.int32),
+              "student": np.asarray(student, np.float32)}
+    if teacher is not None:
+        arrays["teacher"] = np.asarray(teacher, np.float32)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, **arrays)
+    partial.replace(path)
+
+
 class MetricLog:
     """Appends one JSON object per line to `metrics.jsonl`; optionally mirrors scalars to
     TensorBoard event files (needs tensorboardX). By default only process 0 of a multi-process

@@ -275,11 +275,14 @@ def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
 
 def evaluate(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
              split: data.EncodedSplit, num_labels: int, batch_size: int, buckets, mesh: Mesh,
-             ) -> dict[str, float]:
-    """Accuracy (F1 / macro-F1), mean loss and examples/s on a labelled split."""
+             *, logits_path: pathlib.Path | None = None) -> dict[str, float]:
+    """Accuracy (F1 / macro-F1), mean loss and examples/s on a labelled split; with
+    `logits_path`, the logits and labels are also saved there (`metrics.write_dev_logits`)."""
     batcher = data.Batcher(split, batch_size, buckets=buckets, shuffle=False)
     logits, examples_per_s = predict(predict_fn, graphdef, params, batcher, mesh)
     labels = split.labels
+    if logits_path is not None:
+        metrics_lib.write_dev_logits(logits_path, labels, logits)
     log_probs = jax.nn.log_softmax(jnp.asarray(logits), -1)
     loss = -float(jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], 1)))
     result = metrics_lib.classification_metrics(logits.argmax(-1), labels, num_labels)
@@ -685,9 +688,10 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                               grad_accum_steps=config.train.get("grad_accum_steps", 1))
     predict_fn = make_predict_step(mesh)
 
-    def score(state, split):
+    def score(state, split, logits_path=None):
         return evaluate(predict_fn, state.graphdef, state.params, split, inputs.task.num_labels,
-                        config.data.eval_batch_size, inputs.buckets, mesh)
+                        config.data.eval_batch_size, inputs.buckets, mesh,
+                        logits_path=logits_path)
 
     run = train_loop(state, step_fn, batcher, total_steps=total_steps,
                      train_config=config.train, checkpoint_dir=workdir / "checkpoints", log=log,
@@ -699,7 +703,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if not run.finished:
         return {"steps": run.steps, "train_seconds": run.train_seconds, "finished": False}
     state = run.state
-    result = score(state, inputs.dev)
+    result = score(state, inputs.dev, logits_path=workdir / metrics_lib.DEV_LOGITS_FILE)
     result.update(steps=run.steps, train_seconds=run.train_seconds, finished=True,
                   train_examples_per_s=run.examples_seen / max(run.train_seconds, 1e-9),
                   **run.selection_record())

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from kdjax import augment as augment_lib
 from kdjax import config as config_lib, data, hf, sharding, teacher_cache, train
+from kdjax import metrics as metrics_lib
 from kdjax.engine import run as engine_run
 from kdjax.engine.loss import LossSpec, combined_loss
 from kdjax.engine.method import StudentRun
@@ -220,7 +221,8 @@ def _finish(config, workdir: pathlib.Path, student: BiLSTMClassifier, teachers, 
         config, student, teachers, inputs, mesh, measure_throughput=measure_throughput,
         student_layers=1, student_hidden=student.config.hidden_size,
         student_non_embedding_params=non_embedding_params(student),
-        train_seconds=train_seconds, stages=stages)
+        train_seconds=train_seconds, stages=stages,
+        logits_path=workdir / metrics_lib.DEV_LOGITS_FILE)
     result.update(extra)
     if measure_throughput:
         result["speedup"] = result["student_examples_per_s"] / result["teacher_examples_per_s"]
