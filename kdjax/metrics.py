@@ -130,18 +130,31 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     Args:
       x: [N, P] features of N examples.
       y: [N, Q] features of the same N examples.
+
+    Returns:
+      The CKA in [0, 1], or NaN when either representation is the same for every example
+      (up to float32 rounding), where it is undefined: the embedding output's [CLS] vector is
+      such a representation, since [CLS] is always the first token.
     """
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
-    x = x - x.mean(axis=0)
-    y = y - y.mean(axis=0)
-    cross = np.linalg.norm(y.T @ x) ** 2
-    denominator = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    return float(cross / denominator) if denominator > 0 else 0.0
+    centred_x, centred_y = x - x.mean(axis=0), y - y.mean(axis=0)
+    for raw, centred in ((x, centred_x), (y, centred_y)):
+        # Rounding leaves ~1e-7 of relative spread in a constant float32 representation;
+        # below 1e-5 the centred features are noise and their CKA is meaningless.
+        if np.linalg.norm(centred) <= _CONSTANT_TOLERANCE * np.linalg.norm(raw):
+            return float("nan")
+    cross = np.linalg.norm(centred_y.T @ centred_x) ** 2
+    return float(cross / (np.linalg.norm(centred_x.T @ centred_x)
+                          * np.linalg.norm(centred_y.T @ centred_y)))
+
+
+_CONSTANT_TOLERANCE = 1e-5
 
 
 def cka_matrix(student_layers: list[np.ndarray], teacher_layers: list[np.ndarray]) -> np.ndarray:
-    """[S, T] linear CKA of every student layer's features against every teacher layer's."""
+    """[S, T] linear CKA of every student layer's features against every teacher layer's (NaN
+    where undefined, see `linear_cka`)."""
     return np.array([[linear_cka(s, t) for t in teacher_layers] for s in student_layers])
 
 

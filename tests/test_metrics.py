@@ -144,3 +144,11 @@ def test_linear_cka_matches_the_gram_matrix_reference_and_its_invariances():
     matrix = metrics.cka_matrix([x, y], [x, y, x[:, :3]])
     assert matrix.shape == (2, 3) and matrix[0, 0] == pytest.approx(1.0)
     assert matrix[1, 2] == pytest.approx(_reference_cka(y, x[:, :3]), rel=1e-9)
+
+
+def test_linear_cka_is_undefined_for_a_constant_representation():
+    # Every example's embedding-layer [CLS] vector is the same: nothing to align with.
+    rng = np.random.default_rng(3)
+    constant = np.tile(rng.normal(size=(1, 6)), (20, 1)).astype(np.float32)
+    assert math.isnan(metrics.linear_cka(constant, rng.normal(size=(20, 4))))
+    assert math.isnan(metrics.linear_cka(rng.normal(size=(20, 4)), constant))

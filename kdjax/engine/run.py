@@ -436,7 +436,8 @@ def layer_similarity(student: BertClassifier, teacher: BertClassifier,
     over real tokens. Row/column 0 is the embedding output, i the output of layer i.
 
     Returns:
-      {"cls": [[S+1 x T+1]], "mean": [[...]], "examples": N} (JSON-ready lists).
+      {"cls": [[S+1 x T+1]], "mean": [[...]], "examples": N} (JSON-ready lists; null where CKA
+      is undefined: the embedding output's [CLS] vector is the same for every example).
     """
     split = inputs.dev
     if len(split) > CKA_MAX_EXAMPLES:
@@ -457,9 +458,14 @@ def layer_similarity(student: BertClassifier, teacher: BertClassifier,
     student_cls, student_mean = features(student)
     teacher_cls, teacher_mean = features(teacher)
     by_layer = lambda f: [f[:, i] for i in range(f.shape[1])]
-    return {"cls": metrics_lib.cka_matrix(by_layer(student_cls), by_layer(teacher_cls)).tolist(),
-            "mean": metrics_lib.cka_matrix(by_layer(student_mean),
-                                           by_layer(teacher_mean)).tolist(),
+
+    def json_ready(matrix):  # Undefined entries (NaN) as null: eval.json stays strict JSON.
+        return [[None if math.isnan(v) else v for v in row] for row in matrix.tolist()]
+
+    return {"cls": json_ready(metrics_lib.cka_matrix(by_layer(student_cls),
+                                                     by_layer(teacher_cls))),
+            "mean": json_ready(metrics_lib.cka_matrix(by_layer(student_mean),
+                                                      by_layer(teacher_mean))),
             "examples": len(split)}
 
 
