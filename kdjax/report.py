@@ -697,6 +697,11 @@ def write_report(paths: list[str | pathlib.Path], out: str | pathlib.Path, *,
     Raises:
       ReportError: a path without a finished run, or runs of different tasks.
     """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ReportError("the report's figures need matplotlib: pip install 'kdjax[report]'"
+                          ) from None
     out = pathlib.Path(out)
     runs = load_runs(list(paths))
     blocks = build_report(runs, out)

@@ -191,11 +191,12 @@ def test_report_writes_every_figure_and_a_self_contained_page(runs, tmp_path):
     adversarial = runs["root"] / "adversarial-copy"
     if not adversarial.exists():
         shutil.copytree(runs["seeds"][0], adversarial)
-        with (adversarial / "metrics.jsonl").open("a") as f:
-            for step in (2, 4, 6):
-                f.write(json.dumps({"step": step, "split": "distill", "time": 0.0,
-                                    "loss": 0.5, "d_real_accuracy": 0.5 + step / 20,
-                                    "d_fake_accuracy": 0.6}) + "\n")
+        log = adversarial / "metrics.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        for record in records:
+            if record["split"] == "distill":
+                record.update(d_real_accuracy=0.5 + record["step"] / 20, d_fake_accuracy=0.6)
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "report"
     code = cli.main(["report", str(runs["root"]), "--out", str(out), "--html"])
     assert code == 0
