@@ -250,11 +250,17 @@ def make_predict_step(mesh: Mesh) -> Callable:
 
 
 def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
-            batcher: data.Batcher, mesh: Mesh) -> tuple[np.ndarray, float]:
+            batcher: data.Batcher, mesh: Mesh,
+            on_batch: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
     """Logits for every example of `batcher`'s split, in the split's order, and examples/s.
 
     With several processes each feeds its rows of every batch, and every process gets all the
     logits (batch-split outputs are all-gathered, so every process must call this).
+
+    Args:
+      on_batch: called once each batch is computed (a progress bar); the loop then waits for
+        batch k - 1 after dispatching batch k, so that the count follows the device rather than
+        the (asynchronous) dispatch, while the device always has the next batch queued.
     """
     start = time.perf_counter()
     pending = []
@@ -262,6 +268,12 @@ def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
         global_batch = sharding.shard_batch(batch, mesh)
         pending.append((global_batch["example_index"],
                         predict_fn(graphdef, params, global_batch)))
+        if on_batch is not None and len(pending) > 1:
+            jax.block_until_ready(pending[-2][1])
+            on_batch()
+    if on_batch is not None and pending:
+        jax.block_until_ready(pending[-1][1])
+        on_batch()
     # One host transfer at the end instead of a sync per batch.
     host = (jax.device_get(pending) if jax.process_count() == 1
             else distributed.host_arrays(pending))

@@ -2,6 +2,8 @@
 table against independently computed values, every figure a readable PNG, the self-contained
 HTML page, and the refusal of runs of different tasks."""
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -35,12 +37,26 @@ def runs(tmp_path_factory, tiny_hf_dir):
     and that teacher's own fine-tuning run: built once for the module."""
     root = tmp_path_factory.mktemp("report_runs")
     first = root / "kd-seed0"
-    distill.distill(_config(root / "data", tiny_hf_dir), first, progress=False,
-                    measure_throughput=True)
+    # The first run shows its progress; what it prints is kept for the progress test.
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        distill.distill(_config(root / "data", tiny_hf_dir), first, progress=True,
+                        measure_throughput=True)
     second = root / "kd-seed1"
     distill.distill(_config(root / "data", first / "teacher-seed0" / "model", "train.seed=1"),
                     second, progress=False, measure_throughput=True)
-    return {"root": root, "seeds": [first, second], "teacher": first / "teacher-seed0"}
+    return {"root": root, "seeds": [first, second], "teacher": first / "teacher-seed0",
+            "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
+def test_long_steps_show_progress_and_the_teacher_metric_comes_before_distillation(runs):
+    stdout, stderr = runs["stdout"], runs["stderr"]
+    teacher = json.loads((runs["teacher"] / "eval.json").read_text())
+    line = f"teacher teacher-seed0: dev accuracy {teacher['accuracy']:.4f} (40 examples)"
+    assert line in stdout
+    assert stdout.index(line) < stdout.index("stage distill:")
+    # The teacher-output cache build has its own bar, as the training loop does.
+    assert "teacher outputs for stage distill" in stderr and "batch" in stderr
 
 
 def test_runs_save_dev_logits_and_layer_cka(runs):

@@ -167,13 +167,15 @@ def stage_split(config, stage, inputs: train.TaskInputs, *,
 
 
 def with_augmented(config, split: data.EncodedSplit, inputs: train.TaskInputs, teacher,
-                   cache_dir: pathlib.Path) -> tuple[data.EncodedSplit, dict]:
+                   cache_dir: pathlib.Path, *, progress: bool = False,
+                   ) -> tuple[data.EncodedSplit, dict]:
     """`split` plus the augmented copies of the labelled examples (`config.augment`; label -1,
     so only teacher terms learn from them), as TinyBERT's task distillation trains. The set is
     built once per run and cached (`augment.augmented_split`); the teacher labels it through
     the stage's teacher-output cache like any other example."""
     augmented, info = augment.augmented_split(config, inputs.train_examples, inputs.tokenizer,
-                                              teacher, cache_dir, inputs.max_length)
+                                              teacher, cache_dir, inputs.max_length,
+                                              progress=progress)
     return data.concatenate([split, augmented]), info
 
 
@@ -288,7 +290,7 @@ class StagedBertRun(StudentRun):
         if (config.get("augment") and config.augment.method != "none" and spec.uses_teacher
                 and stage_config.data == "train"):
             split, info = with_augmented(config, split, inputs, self.teachers[0],
-                                         run.workdir / "cache")
+                                         run.workdir / "cache", progress=run.progress)
             self.augment_info = {"augmented_examples": info["augmented_examples"],
                                  "augmented_examples_per_s": info["augmented_examples_per_s"]}
         batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets,
@@ -315,7 +317,8 @@ class StagedBertRun(StudentRun):
             # each batch (kdjax/teacher_cache.py); the step then runs no teacher.
             cache = teacher_cache.for_stage(
                 config, name, spec, teachers=models, split=split, buckets=inputs.buckets,
-                mesh=run.mesh, workdir=run.workdir, teacher_dirs=dirs, key_extra=key_extra)
+                mesh=run.mesh, workdir=run.workdir, teacher_dirs=dirs, key_extra=key_extra,
+                progress=run.progress)
             if cache is not None:
                 batcher = teacher_cache.CachedTeacherBatcher(batcher, cache)
                 spec = dataclasses.replace(spec, cached_hidden_layers=cache.hidden_layers)

@@ -278,7 +278,7 @@ class BiLSTMRun(StudentRun):
                 source = inputs.train_examples
                 augmented, info = augment_lib.augmented_split(
                     config, source, inputs.tokenizer, teachers[0], run.workdir / "cache",
-                    inputs.max_length)
+                    inputs.max_length, progress=run.progress)
                 extra.update(augmented_examples=info["augmented_examples"],
                              augmented_examples_per_s=info["augmented_examples_per_s"])
                 split = data.concatenate([split, augmented])
@@ -294,7 +294,7 @@ class BiLSTMRun(StudentRun):
                 cache_dir=teacher_cache.cache_directory(config, run.workdir),
                 batch_size=config.data.eval_batch_size, buckets=inputs.buckets,
                 teacher_dtype=config.teacher.dtype, max_gb=config.teacher.cache_max_gb,
-                description="the transfer set")
+                description="the transfer set", progress=run.progress)
             extra["teacher_labelling_seconds"] = _labelling_info(cache)["seconds"]
             self.batcher = teacher_cache.CachedTeacherBatcher(self.batcher, cache)
         self.student = build_student(config, teachers[0], inputs.task.num_labels,
