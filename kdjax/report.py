@@ -245,15 +245,47 @@ def run_values(run: Run) -> dict[str, float | None]:
     return values
 
 
+# Config keys that do not make two runs different experiments: the seed (runs that differ
+# only in it are seeds of one row), where the teacher and data files are (the task is checked
+# separately; a seed's teacher may be its own fine-tune), and bookkeeping.
+NOT_A_VARIANT = frozenset({
+    "train.seed", "teacher.name", "teacher.extra", "teacher.cache_dir", "data.train_file",
+    "data.dev_file", "train.num_devices", "train.log_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.stop_after_steps", "train.tensorboard"})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def experiment_config(run: Run) -> dict[str, str]:
+    """The run's config as dotted keys -> JSON values, without the `NOT_A_VARIANT` keys."""
+    return {k: json.dumps(v) for k, v in _flatten(run.config).items() if k not in NOT_A_VARIANT}
+
+
 @dataclasses.dataclass
 class Group:
-    """Runs sharing recipe, setting and student size: the seeds of one table row."""
+    """Runs whose configs differ only in the seed (and `NOT_A_VARIANT`): one table row.
+
+    Attributes:
+      variant: what sets this group apart from others of the same recipe and setting (the
+        config keys whose values differ, `key=value, ...`), or "".
+    """
 
     recipe: str
     setting: str
-    layers: int | None
-    hidden: int | None
     runs: list[Run]
+    variant: str = ""
+
+    @property
+    def size(self) -> tuple[int | None, int | None, int | None]:
+        return self.runs[0].student_size()
 
     def values(self, key: str) -> list[float]:
         return [v for v in (run_values(r)[key] for r in self.runs) if v is not None]
@@ -269,11 +301,22 @@ class Group:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs grouped as seeds of one experiment, in the order first seen; groups of the same
+    recipe and setting that differ elsewhere (a longer budget, another student size, another
+    loss weight) get their differing keys as `variant`."""
     groups: dict[tuple, Group] = {}
+    configs: dict[tuple, dict] = {}
     for run in runs:
-        layers, hidden, _ = run.student_size()
-        key = (run.recipe, run.setting, layers, hidden)
-        groups.setdefault(key, Group(*key, runs=[])).runs.append(run)
+        config = experiment_config(run)
+        key = (run.recipe, run.setting, tuple(sorted(config.items())))
+        groups.setdefault(key, Group(run.recipe, run.setting, runs=[])).runs.append(run)
+        configs[key] = config
+    for key, group in groups.items():
+        siblings = [configs[k] for k in groups if k[:2] == key[:2]]
+        if len(siblings) > 1:
+            names = set().union(*siblings)
+            differing = sorted(n for n in names if len({s.get(n) for s in siblings}) > 1)
+            group.variant = ", ".join(f"{n}={configs[key].get(n, '-')}" for n in differing)
     return list(groups.values())
 
 
@@ -299,17 +342,22 @@ def _format_count(value: tuple[float, float | None] | None, unit: str = "") -> s
 def results_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the results table: one row per group of seeds."""
     metric_columns = task_metric_columns(runs[0])
-    header = (["recipe", "setting", "runs", "student", "params"]
+    groups = group_runs(runs)
+    with_variants = any(g.variant for g in groups)
+    header = (["recipe", "setting"] + (["variant"] if with_variants else [])
+              + ["runs", "student", "params"]
               + [_METRIC_TITLES[c] for c in metric_columns]
               + [f"teacher {_METRIC_TITLES.get(runs[0].metric, runs[0].metric)}",
                  "agreement", "KL(T‖S)", "ECE student", "ECE teacher", "train s",
                  "student ex/s", "teacher ex/s"])
     rows = []
-    for group in group_runs(runs):
-        size = (f"{group.layers} × {group.hidden}" if group.layers is not None else "-")
+    for group in groups:
+        layers, hidden, _ = group.size
+        size = f"{layers} × {hidden}" if layers is not None else "-"
         params = group.mean_std("params")
         rows.append(
-            [group.recipe, group.setting, str(len(group.runs)), size,
+            [group.recipe, group.setting] + ([group.variant] if with_variants else [])
+            + [str(len(group.runs)), size,
              f"{params[0] / 1e6:.1f} M" if params else "-"]
             + [_format(group.mean_std(c)) for c in metric_columns]
             + [_format(group.mean_std("teacher_metric")), _format(group.mean_std("agreement")),
@@ -543,8 +591,9 @@ def plot_accuracy_vs_speed(runs: list[Run], path: pathlib.Path) -> pathlib.Path 
     for group in group_runs(runs):
         metric, speed = group.mean_std(runs[0].metric), group.mean_std("examples_per_s")
         if metric is not None and speed is not None:
-            points.append((f"{group.recipe} {group.setting}", speed[0], metric[0],
-                           metric[1] or 0.0))
+            name = f"{group.recipe} {group.setting}" + (f" ({group.variant})"
+                                                         if group.variant else "")
+            points.append((name, speed[0], metric[0], metric[1] or 0.0))
     if not points:
         return None
     teachers = {}
@@ -592,8 +641,9 @@ def build_report(runs: list[Run], out: pathlib.Path) -> list[tuple]:
         ("p", f"{len(runs)} run(s): " + ", ".join(f"`{r.directory}`" for r in runs)),
         ("h2", "Results on dev"),
         ("table", header, rows),
-        ("p", "Runs sharing recipe, setting and student size are one row (runs: how many; "
-              "mean ± sample standard deviation). Agreement, KL(teacher‖student) in nats and the "
+        ("p", "Runs whose configs differ only in the seed are one row (runs: how many; "
+              "mean ± sample standard deviation); variant names the config keys that set apart "
+              "rows of the same recipe and setting. Agreement, KL(teacher‖student) in nats and the "
               f"expected calibration errors ({CALIBRATION_BINS} equal-width top-label bins) are "
               "computed from each run's saved dev logits; train s is the distillation's (or "
               "fine-tune's) training time, teachers not included; ex/s is measured inference "

@@ -281,3 +281,21 @@ def test_metric_columns_follow_the_task():
     assert report.task_metric_columns(fake("cola", 2)) == ["accuracy", "mcc"]
     assert report.task_metric_columns(fake("mnli", 3)) == ["accuracy", "macro_f1"]
     assert report.task_metric_columns(fake("mine", 2, ("a", "b"))) == ["accuracy", "f1"]
+
+
+def test_runs_that_differ_beyond_the_seed_are_separate_rows_named_by_the_difference(runs,
+                                                                                   tmp_path):
+    # A copy of the first seed as if it had trained twice as long (as baseline@x3 does).
+    longer = tmp_path / "kd-longer"
+    shutil.copytree(runs["seeds"][0], longer, ignore=shutil.ignore_patterns(
+        "stages", "cache", "teacher-seed0"))
+    config = json.loads((longer / "config.json").read_text())
+    config["train"]["max_steps"] = 12
+    (longer / "config.json").write_text(json.dumps(config))
+    header, rows = report.results_table(report.load_runs(runs["seeds"] + [longer]))
+    assert header[:4] == ["recipe", "setting", "variant", "runs"]
+    assert [row[:4] for row in rows] == [["kd", "half_depth", "train.max_steps=6", "2"],
+                                         ["kd", "half_depth", "train.max_steps=12", "1"]]
+    # Seeds alone: no variant column.
+    header, rows = report.results_table(report.load_runs(runs["seeds"]))
+    assert "variant" not in header and len(rows) == 1
