@@ -5,6 +5,7 @@
   kdjax eval      --model DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
   kdjax export    --workdir DIR [--step N] [--out DIR]
   kdjax bench     [--quick] [--json PATH] [--preset minilm|bert-base] [--dtype float32|bfloat16]
+  kdjax report    RUN_DIR... [--out DIR] [--html]
 
 Several processes (hosts): start the same command in each with KDJAX_COORDINATOR=host:port,
 KDJAX_NUM_PROCESSES=N and KDJAX_PROCESS_ID=i (or JAX_COORDINATOR_ADDRESS, or KDJAX_DISTRIBUTED=1
@@ -55,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     export.add_argument("--out", default=None, help="default: WORKDIR/export-STEP")
 
+    report = commands.add_parser(
+        "report", help="a Markdown (and HTML) report with a results table and figures from "
+                       "finished run directories; reruns no model")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run directories, or folders holding them (a results folder)")
+    report.add_argument("--out", default="report",
+                        help="where report.md and its figures go (default: %(default)s)")
+    report.add_argument("--html", action="store_true",
+                        help="also write report.html, one page with the figures inlined")
+
     bench = commands.add_parser(
         "bench", help="distillation step speed: kdjax vs PyTorch, FLOP/s vs a matmul peak, "
                       "teacher cache, bucketing, memory, inference per student size")
@@ -93,6 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+
+    if args.command == "report":
+        # Reads files only: no device, no multi-process setup.
+        from kdjax import report as report_lib
+        try:
+            written = report_lib.write_report(args.runs, args.out, html_page=args.html)
+        except report_lib.ReportError as e:
+            print(f"kdjax report: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {written['markdown']} ({written['runs']} runs, "
+              f"{len(written['figures'])} figures)"
+              + (f" and {written['html']}" if written["html"] else ""))
+        return 0
 
     # Imported after parsing so `kdjax --help` is instant.
     from kdjax import distributed

@@ -389,7 +389,8 @@ def load_or_compute(teacher_dirs: Sequence[str | os.PathLike], teachers: Sequenc
                     split: data.EncodedSplit, *, mesh: Mesh, cache_dir: str | os.PathLike,
                     batch_size: int, buckets: Sequence[int], hidden_layers: Sequence[int] = (),
                     teacher_dtype: str = "float32", max_gb: float = math.inf,
-                    key_extra: Any = None, description: str = "") -> TeacherCache:
+                    key_extra: Any = None, description: str = "",
+                    progress: bool = False) -> TeacherCache:
     """The teachers' outputs for every example of `split`: read from `cache_dir` when a cache
     with the same key is there, otherwise computed once (batched, jitted, sharded inference
     over `mesh`) and stored.
@@ -407,6 +408,8 @@ def load_or_compute(teacher_dirs: Sequence[str | os.PathLike], teachers: Sequenc
       max_gb: refuse to build a cache larger than this (`teacher.cache_max_gb`).
       key_extra: anything else that changes the outputs (e.g. a newly initialised head).
       description: what the cache is for, in messages.
+      progress: show a progress bar over the batches while the outputs are computed (process
+        0 only; on SST-2 the build takes minutes).
 
     Returns:
       The `TeacherCache`.
@@ -480,7 +483,8 @@ def load_or_compute(teacher_dirs: Sequence[str | os.PathLike], teachers: Sequenc
     start = time.perf_counter()
     try:
         logits = _compute(teachers, split, mesh=mesh, batch_size=batch_size, buckets=buckets,
-                          hidden_layers=hidden_layers, sinks=sinks)
+                          hidden_layers=hidden_layers, sinks=sinks,
+                          progress=progress and main, description=description)
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -541,20 +545,31 @@ def _estimate_text(examples: int, estimate: dict, hidden_layers, hidden_size: in
 
 
 def _compute(teachers, split: data.EncodedSplit, *, mesh: Mesh, batch_size: int, buckets,
-             hidden_layers: tuple[int, ...], sinks: dict | None) -> np.ndarray:
+             hidden_layers: tuple[int, ...], sinks: dict | None, progress: bool = False,
+             description: str = "") -> np.ndarray:
     """Runs the teachers over `split`; returns logits [N, K, C] and, with `hidden_layers`,
-    writes the first teacher's ragged hidden states and offsets into `sinks` (when given)."""
+    writes the first teacher's ragged hidden states and offsets into `sinks` (when given).
+    With `progress`, a bar counts the batches of every teacher as they complete."""
+    from tqdm.auto import tqdm
+
     batcher = data.Batcher(split, batch_size, buckets=buckets, shuffle=False)
+    bar = tqdm(total=batcher.num_batches * len(teachers), unit="batch", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0,
+               desc=f"teacher outputs{' for ' + description if description else ''}")
+    on_batch = lambda: bar.update(1)
     per_teacher = []
-    for i, model in enumerate(teachers):
-        graphdef, params = nnx.split(model, nnx.Param)
-        params = sharding.replicate(params, mesh)
-        if i == 0 and hidden_layers:
-            per_teacher.append(_hidden_and_logits(graphdef, params, batcher, mesh,
-                                                  hidden_layers, sinks))
-        else:
-            per_teacher.append(train.predict(_predict_step(mesh), graphdef, params, batcher,
-                                             mesh)[0])
+    try:
+        for i, model in enumerate(teachers):
+            graphdef, params = nnx.split(model, nnx.Param)
+            params = sharding.replicate(params, mesh)
+            if i == 0 and hidden_layers:
+                per_teacher.append(_hidden_and_logits(graphdef, params, batcher, mesh,
+                                                      hidden_layers, sinks, on_batch))
+            else:
+                per_teacher.append(train.predict(_predict_step(mesh), graphdef, params,
+                                                 batcher, mesh, on_batch)[0])
+    finally:
+        bar.close()
     return np.stack(per_teacher, axis=1).astype(np.float32)  # [N, K, C]
 
 
@@ -565,7 +580,8 @@ def _predict_step(mesh: Mesh):
 
 
 def _hidden_and_logits(graphdef, params, batcher: data.Batcher, mesh: Mesh,
-                       layers: tuple[int, ...], sinks: dict | None) -> np.ndarray:
+                       layers: tuple[int, ...], sinks: dict | None,
+                       on_batch=lambda: None) -> np.ndarray:
     """The first teacher's logits [N, C]; its hidden states at `layers` go into
     `sinks["hidden"]` ([T, S, H], real tokens only) batch by batch, one batch behind the
     device so the host copy overlaps the next batch's computation."""
@@ -590,6 +606,7 @@ def _hidden_and_logits(graphdef, params, batcher: data.Batcher, mesh: Mesh,
                 i = index[row]
                 n = int(split.lengths[i])
                 sinks["hidden"][offsets[i]:offsets[i] + n] = hidden[row, :, :n].transpose(1, 0, 2)
+        on_batch()
 
     pending = None
     for batch in batcher.epoch(0):
@@ -613,7 +630,8 @@ def cache_directory(config, workdir: str | os.PathLike) -> pathlib.Path:
 
 def for_stage(config, stage_name: str, spec, *, teacher_dirs: Sequence[str | os.PathLike],
               teachers: Sequence[nnx.Module], split: data.EncodedSplit, buckets, mesh: Mesh,
-              workdir: str | os.PathLike, key_extra: Any = None) -> TeacherCache | None:
+              workdir: str | os.PathLike, key_extra: Any = None,
+              progress: bool = False) -> TeacherCache | None:
     """The teacher-output cache of one stage of `distill.distill`, or None when the teacher has
     to run inside the step; prints one line saying which, and why.
 
@@ -627,6 +645,7 @@ def for_stage(config, stage_name: str, spec, *, teacher_dirs: Sequence[str | os.
       buckets, mesh: the run's.
       workdir: the run directory (the default cache location).
       key_extra: what else determines the teachers' outputs (a newly initialised head).
+      progress: a progress bar while the cache is built.
     """
     if not spec.uses_teacher:
         return None
@@ -644,7 +663,7 @@ def for_stage(config, stage_name: str, spec, *, teacher_dirs: Sequence[str | os.
         batch_size=config.data.eval_batch_size, buckets=buckets, hidden_layers=layers,
         teacher_dtype=teacher_config.dtype,
         max_gb=teacher_config.get("cache_max_gb", math.inf), key_extra=key_extra,
-        description=f"stage {stage_name}")
+        description=f"stage {stage_name}", progress=progress)
     if distributed.is_main_process():
         stored = (f"logits and hidden layers {list(cache.hidden_layers)}" if cache.hidden_layers
                   else "logits")

@@ -250,11 +250,17 @@ def make_predict_step(mesh: Mesh) -> Callable:
 
 
 def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
-            batcher: data.Batcher, mesh: Mesh) -> tuple[np.ndarray, float]:
+            batcher: data.Batcher, mesh: Mesh,
+            on_batch: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
     """Logits for every example of `batcher`'s split, in the split's order, and examples/s.
 
     With several processes each feeds its rows of every batch, and every process gets all the
     logits (batch-split outputs are all-gathered, so every process must call this).
+
+    Args:
+      on_batch: called once each batch is computed (a progress bar); the loop then waits for
+        batch k - 1 after dispatching batch k, so that the count follows the device rather than
+        the (asynchronous) dispatch, while the device always has the next batch queued.
     """
     start = time.perf_counter()
     pending = []
@@ -262,6 +268,12 @@ def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
         global_batch = sharding.shard_batch(batch, mesh)
         pending.append((global_batch["example_index"],
                         predict_fn(graphdef, params, global_batch)))
+        if on_batch is not None and len(pending) > 1:
+            jax.block_until_ready(pending[-2][1])
+            on_batch()
+    if on_batch is not None and pending:
+        jax.block_until_ready(pending[-1][1])
+        on_batch()
     # One host transfer at the end instead of a sync per batch.
     host = (jax.device_get(pending) if jax.process_count() == 1
             else distributed.host_arrays(pending))
@@ -275,11 +287,14 @@ def predict(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
 
 def evaluate(predict_fn: Callable, graphdef: nnx.GraphDef, params: nnx.State,
              split: data.EncodedSplit, num_labels: int, batch_size: int, buckets, mesh: Mesh,
-             ) -> dict[str, float]:
-    """Accuracy (F1 / macro-F1), mean loss and examples/s on a labelled split."""
+             *, logits_path: pathlib.Path | None = None) -> dict[str, float]:
+    """Accuracy (F1 / macro-F1), mean loss and examples/s on a labelled split; with
+    `logits_path`, the logits and labels are also saved there (`metrics.write_dev_logits`)."""
     batcher = data.Batcher(split, batch_size, buckets=buckets, shuffle=False)
     logits, examples_per_s = predict(predict_fn, graphdef, params, batcher, mesh)
     labels = split.labels
+    if logits_path is not None:
+        metrics_lib.write_dev_logits(logits_path, labels, logits)
     log_probs = jax.nn.log_softmax(jnp.asarray(logits), -1)
     loss = -float(jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], 1)))
     result = metrics_lib.classification_metrics(logits.argmax(-1), labels, num_labels)
@@ -699,9 +714,10 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                               grad_accum_steps=config.train.get("grad_accum_steps", 1))
     predict_fn = make_predict_step(mesh)
 
-    def score(state, split):
+    def score(state, split, logits_path=None):
         return evaluate(predict_fn, state.graphdef, state.params, split, inputs.task.num_labels,
-                        config.data.eval_batch_size, inputs.buckets, mesh)
+                        config.data.eval_batch_size, inputs.buckets, mesh,
+                        logits_path=logits_path)
 
     run = train_loop(state, step_fn, batcher, total_steps=total_steps,
                      train_config=config.train, checkpoint_dir=workdir / "checkpoints", log=log,
@@ -713,7 +729,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if not run.finished:
         return {"steps": run.steps, "train_seconds": run.train_seconds, "finished": False}
     state = run.state
-    result = score(state, inputs.dev)
+    result = score(state, inputs.dev, logits_path=workdir / metrics_lib.DEV_LOGITS_FILE)
     result.update(steps=run.steps, train_seconds=run.train_seconds, finished=True,
                   # Passes over the training split actually run (fewer than train.epochs when
                   # the held-out slice stopped it): the budget a results table reports.

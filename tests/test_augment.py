@@ -234,3 +234,17 @@ def test_tinybert_candidates_are_embedding_neighbours_and_replaced_at_rate_p_t(t
                 else:
                     assert x == y  # Stopwords and punctuation stay.
     assert replaced / total == pytest.approx(0.4, abs=0.03)  # 3,000 candidate words: sd 0.009
+
+
+def test_augmentation_shows_a_progress_bar_only_when_asked(capsys):
+    texts, tags = _tagged_corpus(n=20, length=10)
+    tag_of_text = dict(zip(texts, tags))
+    make = lambda ts: augment.TangGenerator(ts, augment.TangRules(p_mask=0.5, p_pos=0, p_ng=0),
+                                            tags=[tag_of_text[t] for t in ts])
+    quiet = augment.augment(_examples(texts), make, n_iter=3, seed=0)
+    assert "augmentation" not in capsys.readouterr().err
+    shown = augment.augment(_examples(texts), make, n_iter=3, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "augmentation" in err and "3/3" in err
+    # The bar changes nothing of the result.
+    assert [e.text_a for e in shown.examples] == [e.text_a for e in quiet.examples]

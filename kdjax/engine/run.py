@@ -14,6 +14,7 @@ import pathlib
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -166,13 +167,15 @@ def stage_split(config, stage, inputs: train.TaskInputs, *,
 
 
 def with_augmented(config, split: data.EncodedSplit, inputs: train.TaskInputs, teacher,
-                   cache_dir: pathlib.Path) -> tuple[data.EncodedSplit, dict]:
+                   cache_dir: pathlib.Path, *, progress: bool = False,
+                   ) -> tuple[data.EncodedSplit, dict]:
     """`split` plus the augmented copies of the labelled examples (`config.augment`; label -1,
     so only teacher terms learn from them), as TinyBERT's task distillation trains. The set is
     built once per run and cached (`augment.augmented_split`); the teacher labels it through
     the stage's teacher-output cache like any other example."""
     augmented, info = augment.augmented_split(config, inputs.train_examples, inputs.tokenizer,
-                                              teacher, cache_dir, inputs.max_length)
+                                              teacher, cache_dir, inputs.max_length,
+                                              progress=progress)
     return data.concatenate([split, augmented]), info
 
 
@@ -288,7 +291,7 @@ class StagedBertRun(StudentRun):
         if (config.get("augment") and config.augment.method != "none" and spec.uses_teacher
                 and stage_config.data == "train"):
             split, info = with_augmented(config, split, inputs, self.teachers[0],
-                                         run.workdir / "cache")
+                                         run.workdir / "cache", progress=run.progress)
             self.augment_info = {"augmented_examples": info["augmented_examples"],
                                  "augmented_examples_per_s": info["augmented_examples_per_s"]}
         batcher = data.Batcher(split, config.data.batch_size, buckets=inputs.buckets,
@@ -315,7 +318,8 @@ class StagedBertRun(StudentRun):
             # each batch (kdjax/teacher_cache.py); the step then runs no teacher.
             cache = teacher_cache.for_stage(
                 config, name, spec, teachers=models, split=split, buckets=inputs.buckets,
-                mesh=run.mesh, workdir=run.workdir, teacher_dirs=dirs, key_extra=key_extra)
+                mesh=run.mesh, workdir=run.workdir, teacher_dirs=dirs, key_extra=key_extra,
+                progress=run.progress)
             if cache is not None:
                 batcher = teacher_cache.CachedTeacherBatcher(batcher, cache)
                 spec = dataclasses.replace(spec, cached_hidden_layers=cache.hidden_layers)
@@ -359,24 +363,38 @@ def inference_speed(model: nnx.Module, split: data.EncodedSplit, batch_size: int
                for _ in range(repeats))
 
 
+def dev_logits(model: nnx.Module, inputs: train.TaskInputs, mesh: Mesh, batch_size: int,
+               predict_fn: Callable | None = None) -> np.ndarray:
+    """[N, C] float32 logits of `model` on the dev split, in the split's order."""
+    predict_fn = predict_fn or train.make_predict_step(mesh)
+    graphdef, params = nnx.split(model, nnx.Param)
+    batcher = data.Batcher(inputs.dev, batch_size, buckets=inputs.buckets, shuffle=False)
+    return train.predict(predict_fn, graphdef, sharding.replicate(params, mesh), batcher,
+                         mesh)[0]
+
+
 def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh: Mesh,
-                   batch_size: int) -> dict:
+                   batch_size: int, *, logits_path: pathlib.Path | None = None) -> dict:
     """The student's dev metrics beside the teachers': the teacher's metrics (several teachers:
     their ensemble, probabilities averaged as the soft targets are), each teacher's own accuracy
-    and the best of them, the student's agreement with the teacher's predictions, and the task's
-    headline `metric` (`data.task_metric`) as `dev_metric` and `teacher_dev_metric`."""
-    predict_fn = train.make_predict_step(mesh)
+    and the best of them, the student's agreement with the teacher's predictions, KL(teacher ||
+    student), the expected calibration error (15 bins) of both, and the task's headline `metric`
+    (`data.task_metric`) as `dev_metric` and `teacher_dev_metric`.
 
-    def dev_logits(model):
-        graphdef, params = nnx.split(model, nnx.Param)
-        batcher = data.Batcher(inputs.dev, batch_size, buckets=inputs.buckets, shuffle=False)
-        return train.predict(predict_fn, graphdef, sharding.replicate(params, mesh), batcher,
-                             mesh)[0]
-
+    Args:
+      logits_path: also save the dev logits of student and teacher there (`metrics.write_dev_logits`;
+        an ensemble's teacher logits are the log of its averaged probabilities).
+    """
     labels, num_labels = inputs.dev.labels, inputs.task.num_labels
-    each_teacher_probs = [np.asarray(jax.nn.softmax(dev_logits(t))) for t in teachers]
-    student_pred = dev_logits(student).argmax(-1)
-    teacher_pred = np.mean(each_teacher_probs, 0).argmax(-1)
+    predict_fn = train.make_predict_step(mesh)
+    each_teacher_probs = [
+        np.asarray(jax.nn.softmax(dev_logits(t, inputs, mesh, batch_size, predict_fn)))
+        for t in teachers]
+    student_logits = dev_logits(student, inputs, mesh, batch_size, predict_fn)
+    # The ensemble as one model: log of the averaged probabilities (softmax gives them back).
+    teacher_logits = np.log(np.maximum(np.mean(each_teacher_probs, 0), 1e-30))
+    student_pred = student_logits.argmax(-1)
+    teacher_pred = teacher_logits.argmax(-1)
     single_accuracies = [float(np.mean(p.argmax(-1) == labels)) for p in each_teacher_probs]
     result = metrics_lib.classification_metrics(student_pred, labels, num_labels)
     teacher_metrics = metrics_lib.classification_metrics(teacher_pred, labels, num_labels)
@@ -388,18 +406,83 @@ def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh
         teacher_accuracies=single_accuracies,
         best_single_teacher_accuracy=max(single_accuracies),
         teacher_agreement=float(np.mean(student_pred == teacher_pred)),
+        teacher_kl=metrics_lib.mean_kl_divergence(teacher_logits, student_logits),
+        ece=metrics_lib.expected_calibration_error(student_logits, labels),
+        teacher_ece=metrics_lib.expected_calibration_error(teacher_logits, labels),
         examples=len(labels))
+    if logits_path is not None:
+        metrics_lib.write_dev_logits(logits_path, labels, student_logits, teacher_logits)
     return result
+
+
+# Dev examples the layer similarity reads at most: CKA's cost grows with the examples squared
+# in memory of the features kept, and a few thousand already fix it to about 1e-2.
+CKA_MAX_EXAMPLES = 2000
+
+
+def _pooled_hidden_states(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array:
+    """[B, 2 * (layers + 1) * H]: every hidden state's [CLS] vector, then its mean over real
+    tokens, flattened so that `train.predict` gathers them like logits."""
+    out = nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"],
+                                      batch["token_type_ids"], output_hidden_states=True)
+    mask = batch["attention_mask"][..., None].astype(jnp.float32)  # [B, L, 1]
+    hidden = [h.astype(jnp.float32) for h in out.hidden_states]  # each [B, L, H]
+    cls = jnp.stack([h[:, 0] for h in hidden], 1)  # [B, layers + 1, H]
+    mean = jnp.stack([(h * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+                            for h in hidden], 1)
+    return jnp.concatenate([cls, mean], 1).reshape(cls.shape[0], -1)
+
+
+def layer_similarity(student: BertClassifier, teacher: BertClassifier,
+                     inputs: train.TaskInputs, mesh: Mesh, batch_size: int) -> dict:
+    """Linear CKA (`metrics.linear_cka`) of every student hidden state against every teacher
+    hidden state on dev (the first `CKA_MAX_EXAMPLES`), for the [CLS] vector and for the mean
+    over real tokens. Row/column 0 is the embedding output, i the output of layer i.
+
+    Returns:
+      {"cls": [[S+1 x T+1]], "mean": [[...]], "examples": N} (JSON-ready lists; null where CKA
+      is undefined: the embedding output's [CLS] vector is the same for every example).
+    """
+    split = inputs.dev
+    if len(split) > CKA_MAX_EXAMPLES:
+        split = split.subset(np.arange(CKA_MAX_EXAMPLES))
+    batch_split = sharding.batch_sharded(mesh)
+    features_fn = jax.jit(_pooled_hidden_states, static_argnums=0,
+                          in_shardings=(None, batch_split), out_shardings=batch_split)
+
+    def features(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        batcher = data.Batcher(split, batch_size, buckets=inputs.buckets, shuffle=False)
+        flat = train.predict(features_fn, graphdef, sharding.replicate(params, mesh), batcher,
+                             mesh)[0]
+        layers, width = model.config.num_hidden_layers + 1, model.config.hidden_size
+        both = flat.reshape(len(split), 2, layers, width)
+        return both[:, 0], both[:, 1]  # [N, layers + 1, H] each
+
+    student_cls, student_mean = features(student)
+    teacher_cls, teacher_mean = features(teacher)
+    by_layer = lambda f: [f[:, i] for i in range(f.shape[1])]
+
+    def json_ready(matrix):  # Undefined entries (NaN) as null: eval.json stays strict JSON.
+        return [[None if math.isnan(v) else v for v in row] for row in matrix.tolist()]
+
+    return {"cls": json_ready(metrics_lib.cka_matrix(by_layer(student_cls),
+                                                     by_layer(teacher_cls))),
+            "mean": json_ready(metrics_lib.cka_matrix(by_layer(student_mean),
+                                                      by_layer(teacher_mean))),
+            "examples": len(split)}
 
 
 def evaluate_student(config, student: nnx.Module, teachers, inputs: train.TaskInputs,
                      mesh: Mesh, *, measure_throughput: bool, student_layers: int,
                      student_hidden: int, student_non_embedding_params: int,
-                     train_seconds: float, stages: dict) -> dict:
+                     train_seconds: float, stages: dict,
+                     logits_path: pathlib.Path | None = None) -> dict:
     """The keys of every distillation run's eval.json: dev metrics beside the teachers', sizes,
-    training time and (with `measure_throughput`) inference examples/s of student and teacher."""
+    training time and (with `measure_throughput`) inference examples/s of student and teacher.
+    With `logits_path`, the dev logits are saved there (`compare_on_dev`)."""
     eval_bs, buckets = config.data.eval_batch_size, inputs.buckets
-    result = compare_on_dev(student, teachers, inputs, mesh, eval_bs)
+    result = compare_on_dev(student, teachers, inputs, mesh, eval_bs, logits_path=logits_path)
     result.update(
         student_layers=student_layers, student_hidden=student_hidden,
         student_params=count_params(nnx.state(student, nnx.Param)),
@@ -430,7 +513,11 @@ def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inp
         student_layers=student.config.num_hidden_layers,
         student_hidden=student.config.hidden_size,
         student_non_embedding_params=non_embedding_params(student),
-        train_seconds=train_seconds, stages=stage_results)
+        train_seconds=train_seconds, stages=stage_results,
+        logits_path=workdir / metrics_lib.DEV_LOGITS_FILE)
+    # Computed here, where both models are loaded, so a report never reruns them.
+    result["layer_cka"] = layer_similarity(student, teachers[0], inputs, mesh,
+                                           config.data.eval_batch_size)
     result.update(extra or {})
     if inputs.holdout is not None and len(inputs.holdout):
         result["holdout_examples"] = len(inputs.holdout)

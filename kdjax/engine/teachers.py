@@ -3,6 +3,7 @@ gradient; their outputs come from a forward pass or from the teacher-output cach
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import flax.struct
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from kdjax import config as config_lib, hf, train
+from kdjax import config as config_lib, data, hf, train
 from kdjax.engine.method import DistillError, Needs
 
 
@@ -130,6 +131,12 @@ def prepare_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                 if not result["finished"]:
                     raise DistillError(f"teacher fine-tuning in {run_dir} stopped early "
                                        "(train.stop_after_steps); rerun to finish it")
+            else:
+                result = json.loads((run_dir / "eval.json").read_text())
+            # The teacher's quality bounds the student's: say it before distillation starts.
+            metric = data.task_metric(config.data.task)
+            print(f"teacher {run_dir.name}: dev {metric} {result[metric]:.4f} "
+                  f"({result.get('examples', '?')} examples)", flush=True)
             dirs.append(run_dir / "model")
     first_vocabulary = None
     for extra in config.teacher.extra:

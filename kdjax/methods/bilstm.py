@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from kdjax import augment as augment_lib
 from kdjax import config as config_lib, data, hf, sharding, teacher_cache, train
+from kdjax import metrics as metrics_lib
 from kdjax.engine import run as engine_run
 from kdjax.engine.loss import LossSpec, combined_loss
 from kdjax.engine.method import StudentRun
@@ -220,7 +221,8 @@ def _finish(config, workdir: pathlib.Path, student: BiLSTMClassifier, teachers, 
         config, student, teachers, inputs, mesh, measure_throughput=measure_throughput,
         student_layers=1, student_hidden=student.config.hidden_size,
         student_non_embedding_params=non_embedding_params(student),
-        train_seconds=train_seconds, stages=stages)
+        train_seconds=train_seconds, stages=stages,
+        logits_path=workdir / metrics_lib.DEV_LOGITS_FILE)
     result.update(extra)
     if measure_throughput:
         result["speedup"] = result["student_examples_per_s"] / result["teacher_examples_per_s"]
@@ -276,7 +278,7 @@ class BiLSTMRun(StudentRun):
                 source = inputs.train_examples
                 augmented, info = augment_lib.augmented_split(
                     config, source, inputs.tokenizer, teachers[0], run.workdir / "cache",
-                    inputs.max_length)
+                    inputs.max_length, progress=run.progress)
                 extra.update(augmented_examples=info["augmented_examples"],
                              augmented_examples_per_s=info["augmented_examples_per_s"])
                 split = data.concatenate([split, augmented])
@@ -292,7 +294,7 @@ class BiLSTMRun(StudentRun):
                 cache_dir=teacher_cache.cache_directory(config, run.workdir),
                 batch_size=config.data.eval_batch_size, buckets=inputs.buckets,
                 teacher_dtype=config.teacher.dtype, max_gb=config.teacher.cache_max_gb,
-                description="the transfer set")
+                description="the transfer set", progress=run.progress)
             extra["teacher_labelling_seconds"] = _labelling_info(cache)["seconds"]
             self.batcher = teacher_cache.CachedTeacherBatcher(self.batcher, cache)
         self.student = build_student(config, teachers[0], inputs.task.num_labels,
