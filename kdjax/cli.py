@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             import transformers
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 str(hf.resolve_checkpoint(config.model.name)))
-            hf.save_pretrained(model, out, label_names=label_names, tokenizer=tokenizer)
+            hf.save_pretrained(model, out, tokenizer=tokenizer, label_names=data.class_names(
+                config.data.task, label_names, tuple(config.data.get("label_names", ()) or ())))
             if distributed.is_main_process():
                 print(f"wrote step {step} of {args.workdir} to {out}")
         elif args.command == "bench":

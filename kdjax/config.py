@@ -64,6 +64,9 @@ def data_config() -> ml_collections.ConfigDict:
     data.dev_file = ""
     data.text_columns = ("sentence",)  # One column, or two for sentence pairs.
     data.label_column = "label"
+    # Class names saved with models (id2label), in label-index order (integers ascending, else
+    # sorted); () = the task's known names (GLUE) or the labels as written in the files.
+    data.label_names = ()
     # Tokens per example; 0 = the smallest length bucket holding 99 % of the training set whole.
     data.max_length = 64
     data.buckets = ()  # Padded lengths jit compiles for; () = the default ladder.

@@ -296,7 +296,9 @@ def evaluate_saved_model(model_dir: str | pathlib.Path,
     inputs = prepare_task(config)
     model, _, _ = hf.load_pretrained(str(inputs.checkpoint_dir), dtype=config.model.dtype)
     saved_labels = hf.label_names_of(inputs.checkpoint_dir)
-    if saved_labels is not None and saved_labels != inputs.task.label_names:
+    # A model saved before kdjax named the classes carries the label values as names.
+    if saved_labels is not None and saved_labels not in (inputs.task.label_names,
+                                                          inputs.class_names):
         raise ValueError(f"{model_dir} was trained with labels {saved_labels}, but the task "
                          f"{config.data.task!r} has labels {inputs.task.label_names}")
     mesh = sharding.make_mesh(config.train.num_devices)
@@ -330,6 +332,9 @@ class TaskInputs:
     # Where `train`'s rows are in task.splits["train"] (a method that builds more examples from
     # the raw sentences, such as augmentation, starts from these).
     train_indices: np.ndarray | None = None
+    # The names saved models give the classes (id2label), index by index (`data.class_names`):
+    # the labels stay task.label_names, the values the files hold.
+    class_names: list[str] | None = None
 
     @property
     def train_examples(self) -> list[data.Example]:
@@ -373,7 +378,13 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
         dev = dev.subset(np.arange(cfg.dev_limit))
     buckets = tuple(cfg.buckets) or data.default_buckets(max_length)
     return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets, max_length, rest,
-                      holdout, labelled)
+                      holdout, labelled, task_class_names(config, task))
+
+
+def task_class_names(config: ml_collections.ConfigDict, task: data.TaskData) -> list[str]:
+    """`data.class_names` for `task` with `config.data.label_names` (absent in older configs)."""
+    return data.class_names(config.data.task, task.label_names,
+                            tuple(config.data.get("label_names", ()) or ()))
 
 
 def total_train_steps(config: ml_collections.ConfigDict, batches_per_epoch: int) -> int:
@@ -706,7 +717,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if len(inputs.holdout):
         result["holdout_examples"] = len(inputs.holdout)
     log.write(run.steps, "dev", result)
-    hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.task.label_names,
+    hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.class_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
     distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")

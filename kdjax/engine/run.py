@@ -184,7 +184,10 @@ def start_task(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                           dev_file=config.data.dev_file,
                           text_columns=tuple(config.data.text_columns),
                           label_column=config.data.label_column, splits=("dev",))
-    teacher_dirs = prepare_teachers(config, workdir, task.label_names, progress=progress)
+    # Named before any teacher is fine-tuned, so a bad data.label_names fails at once.
+    class_names = train.task_class_names(config, task)
+    teacher_dirs = prepare_teachers(config, workdir, task.label_names, class_names,
+                                    progress=progress)
     task_config = ml_collections.ConfigDict({"model": {"name": str(teacher_dirs[0])},
                                              "data": config.data.to_dict()})
     return teacher_dirs, train.prepare_task(task_config)
@@ -439,7 +442,7 @@ def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inp
         export = BertClassifier(student.config, student.num_labels, rngs=nnx.Rngs(0))
         nnx.update(export.bert, nnx.state(student.bert, nnx.Param))
         nnx.update(export.classifier, nnx.state(student.classifier, nnx.Param))
-    hf.save_pretrained(export, workdir / "model", label_names=inputs.task.label_names,
+    hf.save_pretrained(export, workdir / "model", label_names=inputs.class_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
     write_result(workdir, log, result)
