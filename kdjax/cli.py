@@ -3,7 +3,7 @@
   kdjax fine-tune --config configs/finetune.py[:quick] [--config.KEY=VALUE ...] --workdir DIR
   kdjax distill   --config configs/RECIPE.py[:SETTING] [--config.KEY=VALUE ...] --workdir DIR
   kdjax eval      --model DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
-  kdjax export    --workdir DIR [--step N] [--out DIR]
+  kdjax export    (--workdir DIR [--step N] | --model DIR) [--format hf|stablehlo] [--out DIR]
   kdjax bench     [--quick] [--json PATH] [--preset minilm|bert-base] [--dtype float32|bfloat16]
 
 Several processes (hosts): start the same command in each with KDJAX_COORDINATOR=host:port,
@@ -49,11 +49,23 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", default=_DEFAULT_CONFIG,
                           help="config naming the task and batch sizes (default: %(default)s)")
 
-    export = commands.add_parser("export", help="write a run's checkpoint as a Hugging Face "
-                                                "model directory")
-    export.add_argument("--workdir", required=True)
+    export = commands.add_parser(
+        "export", help="write a fine-tuning run's checkpoint as a Hugging Face directory, or a "
+                       "run's checkpoint or saved model as a StableHLO artifact; each export "
+                       "checks itself against the model it came from")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a fine-tuning run directory (its checkpoints)")
+    source.add_argument("--model", help="a saved model directory (WORKDIR/model of a fine-tune "
+                                        "or distillation, BERT or BiLSTM); --format stablehlo")
     export.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
-    export.add_argument("--out", default=None, help="default: WORKDIR/export-STEP")
+    export.add_argument("--format", choices=("hf", "stablehlo"), default="hf",
+                        help="hf: a Hugging Face directory (default); stablehlo: a serialized "
+                             "jax.export artifact with tokenizer and label map")
+    export.add_argument("--out", default=None,
+                        help="default: WORKDIR/export-STEP (stablehlo: export-STEP-stablehlo; "
+                             "with --model: MODEL-stablehlo)")
+    export.add_argument("--no-check", action="store_true",
+                        help="skip reloading the export and comparing its logits")
 
     bench = commands.add_parser(
         "bench", help="distillation step speed: kdjax vs PyTorch, FLOP/s vs a matmul peak, "
@@ -131,20 +143,17 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config()
             report(train.evaluate_saved_model(args.model, config))
         elif args.command == "export":
-            model, label_names, config, step = train.load_run(args.workdir, args.step)
-            out = args.out or pathlib.Path(args.workdir) / f"export-{step}"
-            import transformers
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                str(hf.resolve_checkpoint(config.model.name)))
-            hf.save_pretrained(model, out, tokenizer=tokenizer, label_names=data.class_names(
-                config.data.task, label_names, tuple(config.data.get("label_names", ()) or ())))
+            from kdjax import export as export_lib
+            result = export_lib.export(workdir=args.workdir, model_dir=args.model,
+                                       step=args.step, fmt=args.format, out=args.out,
+                                       check=not args.no_check)
             if distributed.is_main_process():
-                print(f"wrote step {step} of {args.workdir} to {out}")
+                print(export_lib.describe(result))
         elif args.command == "bench":
             from kdjax import bench
             bench.main(args)
     except (config_lib.ConfigError, data.DataError, hf.CheckpointError, FileNotFoundError,
-            train.TrainingDiverged, ValueError) as e:
+            train.TrainingDiverged, ValueError) as e:  # ExportError is a ValueError.
         print(f"kdjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -66,3 +66,158 @@ def test_fine_tuned_model_answers_with_class_names_in_a_pipeline(sst2_like_run):
                                      device="cpu")
     answers = classify(["a wonderful film", "a dull boring film"])
     assert {a["label"] for a in answers} <= {"negative", "positive"}
+
+
+# ------------------------------------------------------------------------------------------------
+# kdjax export: the Hugging Face directory checks itself
+
+
+def test_export_checks_itself_against_transformers(sst2_like_run, tmp_path, capsys):
+    import torch
+    import transformers
+
+    from kdjax import train
+
+    workdir, _, dev = sst2_like_run
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "check passed: max |logit difference|" in printed
+    assert "transformers AutoModelForSequenceClassification (PyTorch)" in printed
+    assert "8 dev examples of sst2" in printed
+    # The same comparison, independently: the reloaded PyTorch model against the checkpoint.
+    model, _, _, _ = train.load_run(workdir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    sentences = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:]]
+    batch = tokenizer(sentences, padding=True, return_tensors="np")
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs = reference(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+    ours = np.asarray(model(batch["input_ids"], batch["attention_mask"],
+                            batch["token_type_ids"]).logits)
+    assert np.max(np.abs(ours - theirs)) <= 1e-4
+    assert json.loads((out / "config.json").read_text())["id2label"] == {
+        "0": "negative", "1": "positive"}
+    _assert_ordinary_modes(out)
+
+
+def _assert_ordinary_modes(directory):
+    """Every file has the mode open() gives under the umask (0644 under 022), the directory that
+    plus search where readable (0755): not safetensors' 0600 or mkdtemp's 0700."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)  # Only read: restored at once.
+    for path in directory.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_export_check_fails_loudly_on_a_wrong_export(sst2_like_run, tmp_path):
+    from kdjax import hf, train
+
+    workdir, _, _ = sst2_like_run
+    model, _, _, _ = train.load_run(workdir)
+    out = hf.save_pretrained(model, tmp_path / "hf", label_names=["negative", "positive"],
+                             tokenizer=__import__("transformers").AutoTokenizer.from_pretrained(
+                                 workdir / "model"))
+    # A broken export: the classifier bias written 1e-3 off.
+    config = json.loads((out / "config.json").read_text())
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["classifier.bias"] = tensors["classifier.bias"] + 1e-3
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    assert config["id2label"]["1"] == "positive"
+    with pytest.raises(hf.CheckpointError, match=r"max \|difference\| 0\.001 > 0\.0001"):
+        hf.check_with_transformers(model, out)
+
+
+def test_export_says_the_check_was_skipped_without_torch(sst2_like_run, tmp_path, capsys,
+                                                         monkeypatch):
+    from kdjax import hf
+
+    workdir, _, _ = sst2_like_run
+    monkeypatch.setattr(hf, "import_torch", lambda: None)  # As where torch is not installed.
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "hf")]) == 0
+    assert "check skipped: torch is not installed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# kdjax export --format stablehlo
+
+
+def _run_artifact_without_kdjax(directory, input_ids, attention_mask, token_type_ids):
+    """What a user's program does: jax.export.deserialize and a call; no kdjax model code."""
+    import jax
+
+    exported = jax.export.deserialize(bytearray((directory / "model.stablehlo").read_bytes()))
+    return np.asarray(exported.call(input_ids, attention_mask, token_type_ids))
+
+
+def test_stablehlo_artifact_reloads_and_matches_for_any_batch_and_length(sst2_like_run,
+                                                                         tmp_path, capsys):
+    import transformers
+
+    from kdjax import train
+
+    workdir, _, dev = sst2_like_run
+    out = tmp_path / "shlo"
+    capsys.readouterr()
+    assert cli.main(["export", "--workdir", str(workdir), "--format", "stablehlo",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "check passed" in printed and "the kdjax model it was exported from" in printed
+    assert json.loads((out / "labels.json").read_text())["id2label"] == {
+        "0": "negative", "1": "positive"}
+    signature = json.loads((out / "signature.json").read_text())
+    assert [i["name"] for i in signature["inputs"]] == ["input_ids", "attention_mask",
+                                                        "token_type_ids"]
+    assert signature["max_length"] == 128 and "cpu" in signature["platforms"]
+    _assert_ordinary_modes(out)
+
+    model, _, _, _ = train.load_run(workdir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # Shipped beside the artifact.
+    sentences = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:]]
+    # Two batch sizes and lengths: one artifact serves them all (symbolic shapes).
+    for texts, pad_to in ((sentences, None), (sentences[:3], 37)):
+        batch = tokenizer(texts, padding="max_length" if pad_to else True, max_length=pad_to,
+                          return_tensors="np")
+        inputs = [batch[k].astype(np.int32)
+                  for k in ("input_ids", "attention_mask", "token_type_ids")]
+        theirs = _run_artifact_without_kdjax(out, *inputs)
+        ours = np.asarray(model(*inputs).logits)
+        assert theirs.shape == (len(texts), 2)
+        np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_stablehlo_from_a_saved_bilstm_student(tmp_path, tiny_hf_dir):
+    import transformers
+    from flax import nnx
+
+    from kdjax import export as export_lib
+    from kdjax.models.bilstm import BiLSTMClassifier, BiLSTMConfig, save_bilstm
+
+    config = BiLSTMConfig(vocab_size=30522, embedding_dim=8, hidden_size=6, mlp_size=10,
+                          num_labels=2, pair=True, label_names=("negative", "positive"))
+    student = BiLSTMClassifier(config, rngs=nnx.Rngs(0))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)
+    saved = save_bilstm(student, tmp_path / "model", tokenizer=tokenizer)
+    result = export_lib.export(model_dir=str(saved), fmt="stablehlo")
+    out = tmp_path / "model-stablehlo"
+    assert result["out"] == str(out) and result["check"]["max_abs_difference"] <= 1e-5
+    batch = tokenizer(["a fine film", "it was dull"], ["good", "the plot was boring and slow"],
+                      padding=True, return_tensors="np")
+    inputs = [batch[k].astype(np.int32) for k in ("input_ids", "attention_mask",
+                                                    "token_type_ids")]
+    np.testing.assert_allclose(_run_artifact_without_kdjax(out, *inputs),
+                               np.asarray(student(*inputs).logits), atol=1e-5, rtol=0)
+    assert json.loads((out / "labels.json").read_text())["id2label"]["1"] == "positive"
+
+
+def test_export_refuses_hf_format_from_a_saved_model(sst2_like_run, capsys):
+    workdir, _, _ = sst2_like_run
+    assert cli.main(["export", "--model", str(workdir / "model")]) == 2
+    err = capsys.readouterr().err
+    assert "is already a saved model; --model exports to --format stablehlo" in err
+    assert len(err.strip().splitlines()) == 1
