@@ -203,6 +203,7 @@ def test_stablehlo_from_a_saved_bilstm_student(tmp_path, tiny_hf_dir):
     student = BiLSTMClassifier(config, rngs=nnx.Rngs(0))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)
     saved = save_bilstm(student, tmp_path / "model", tokenizer=tokenizer)
+    _assert_ordinary_modes(saved)
     result = export_lib.export(model_dir=str(saved), fmt="stablehlo")
     out = tmp_path / "model-stablehlo"
     assert result["out"] == str(out) and result["check"]["max_abs_difference"] <= 1e-5
