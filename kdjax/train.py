@@ -293,14 +293,18 @@ def evaluate_saved_model(model_dir: str | pathlib.Path,
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.model.name = str(model_dir)
-    inputs = prepare_task(config)
+    # Only dev is evaluated: a training file, when given, only supplies the label map.
+    inputs = prepare_task(config, dev_only=True)
     model, _, _ = hf.load_pretrained(str(inputs.checkpoint_dir), dtype=config.model.dtype)
     saved_labels = hf.label_names_of(inputs.checkpoint_dir)
     # A model saved before kdjax named the classes carries the label values as names.
     if saved_labels is not None and saved_labels not in (inputs.task.label_names,
                                                           inputs.class_names):
+        source = "" if config.data.train_file or not config.data.dev_file else (
+            " (read from the dev file alone: no data.train_file; a class missing from dev "
+            "needs the training file's label map)")
         raise ValueError(f"{model_dir} was trained with labels {saved_labels}, but the task "
-                         f"{config.data.task!r} has labels {inputs.task.label_names}")
+                         f"{config.data.task!r} has labels {inputs.task.label_names}{source}")
     mesh = sharding.make_mesh(config.train.num_devices)
     graphdef, params = nnx.split(model, nnx.Param)
     return evaluate(make_predict_step(mesh), graphdef, sharding.replicate(params, mesh),
@@ -348,8 +352,12 @@ class TaskInputs:
 _MAX_AUTO_LENGTH = 512
 
 
-def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
+def prepare_task(config: ml_collections.ConfigDict, *, dev_only: bool = False) -> TaskInputs:
     """Loads the task named by `config.data` and tokenises it with `config.model.name`'s tokenizer.
+
+    With `dev_only` (evaluation), the training split is not needed: its file, when there is one,
+    only gives the label map (else the dev file's own labels do), `max_length=0` is resolved on
+    dev, and `train`, `holdout` and `unlabelled_rest` are empty.
     """
     import transformers
 
@@ -357,17 +365,26 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
     ckpt_dir = hf.resolve_checkpoint(config.model.name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt_dir))
     task = data.load_task(cfg.task, train_file=cfg.train_file, dev_file=cfg.dev_file,
-                          text_columns=tuple(cfg.text_columns), label_column=cfg.label_column)
+                          text_columns=tuple(cfg.text_columns), label_column=cfg.label_column,
+                          splits=("dev",) if dev_only else ("train", "dev"))
+    length_split = "dev" if dev_only else "train"
     max_length = cfg.max_length
     if not max_length:
         # Auto: the smallest length bucket that holds 99 % of the training examples whole.
         cap = min(_MAX_AUTO_LENGTH, tokenizer.model_max_length)
-        max_length, held = data.covering_length(task.splits["train"], tokenizer, cap,
+        max_length, held = data.covering_length(task.splits[length_split], tokenizer, cap,
                                                 widths=tuple(cfg.buckets))
         print(f"data.max_length=0 (auto): {max_length} tokens hold {100 * held:.2f} % of the "
-              f"training examples whole", flush=True)
-    train = data.encode(task.splits["train"], tokenizer, max_length)
+              f"{length_split} examples whole", flush=True)
     dev = data.encode(task.splits["dev"], tokenizer, max_length)
+    if dev_only:
+        nothing = dev.subset(np.arange(0))
+        buckets = tuple(cfg.buckets) or data.default_buckets(max_length)
+        if cfg.dev_limit and cfg.dev_limit < len(dev):
+            dev = dev.subset(np.arange(cfg.dev_limit))
+        return TaskInputs(task, tokenizer, ckpt_dir, nothing, dev, buckets, max_length, nothing,
+                          nothing, np.arange(0), task_class_names(config, task))
+    train = data.encode(task.splits["train"], tokenizer, max_length)
     labelled, held_out, rest = data.training_indices(
         len(train), train_limit=cfg.train_limit, holdout_fraction=cfg.get("holdout_fraction", 0.0),
         seed=cfg.subset_seed)

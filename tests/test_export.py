@@ -222,3 +222,27 @@ def test_export_refuses_hf_format_from_a_saved_model(sst2_like_run, capsys):
     err = capsys.readouterr().err
     assert "is already a saved model; --model exports to --format stablehlo" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# kdjax eval needs only the dev file
+
+
+def test_eval_runs_with_only_a_dev_file(sst2_like_run, tmp_path, capsys):
+    workdir, args, dev = sst2_like_run
+    dev_only = [a for a in args if not a.startswith("--config.data.train_file=")]
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(workdir / "model"), *dev_only]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    fine_tuned = json.loads((workdir / "eval.json").read_text())
+    assert evaluated["examples"] == fine_tuned["examples"] == 8
+    assert evaluated["accuracy"] == fine_tuned["accuracy"]
+    assert evaluated["loss"] == pytest.approx(fine_tuned["loss"], abs=1e-5)
+
+    # A dev file holding one class only cannot give a two-class model's label map: one line.
+    one_class = tmp_path / "dev.tsv"
+    one_class.write_text("sentence\tlabel\ngood film\t1\n")
+    assert cli.main(["eval", "--model", str(workdir / "model"), *dev_only,
+                     f"--config.data.dev_file={one_class}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "read from the dev file alone: no data.train_file" in err and "\n" not in err
