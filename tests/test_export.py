@@ -246,3 +246,50 @@ def test_eval_runs_with_only_a_dev_file(sst2_like_run, tmp_path, capsys):
                      f"--config.data.dev_file={one_class}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "read from the dev file alone: no data.train_file" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.json: the student's and the teacher's metrics side by side
+
+
+def _reference_metrics(predictions, labels):
+    """Binary accuracy, F1 of class 1 and Matthews correlation, written out from the counts."""
+    tp = np.sum((predictions == 1) & (labels == 1))
+    tn = np.sum((predictions == 0) & (labels == 0))
+    fp = np.sum((predictions == 1) & (labels == 0))
+    fn = np.sum((predictions == 0) & (labels == 1))
+    denominator = np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return {"accuracy": (tp + tn) / len(labels), "f1": 2 * tp / (2 * tp + fp + fn),
+            "mcc": (tp * tn - fp * fn) / denominator if denominator else 0.0}
+
+
+def test_compare_on_dev_reports_student_and_teacher_symmetrically(sst2_like_run, tiny_hf_dir):
+    from flax import nnx
+
+    from kdjax import hf, sharding, train
+    from kdjax.engine import run as engine_run
+
+    workdir, args, _ = sst2_like_run
+    config = cli_config(args)
+    inputs = train.prepare_task(config)
+    teacher, _, _ = hf.load_pretrained(str(workdir / "model"))
+    student = hf.load_pretrained(str(tiny_hf_dir), num_labels=2, seed=3)[0]
+    mesh = sharding.make_mesh(1)
+    result = engine_run.compare_on_dev(student, [teacher], inputs, mesh, 16)
+    assert result["student_metrics"].keys() == result["teacher_metrics"].keys() == {
+        "accuracy", "f1", "mcc"}
+    labels = inputs.dev.labels
+    for model, key in ((student, "student_metrics"), (teacher, "teacher_metrics")):
+        dev = inputs.dev
+        mask = (np.arange(dev.input_ids.shape[1])[None] < dev.lengths[:, None]).astype(np.int32)
+        logits = model(dev.input_ids, mask, dev.token_type_ids).logits
+        expected = _reference_metrics(np.asarray(logits).argmax(-1), labels)
+        for name, value in expected.items():
+            assert result[key][name] == pytest.approx(value, abs=1e-6), (key, name)
+    assert all(result[name] == result["student_metrics"][name] for name in ("accuracy", "mcc"))
+
+
+def cli_config(args):
+    from kdjax import config as config_lib
+
+    return config_lib.apply_overrides(config_lib.load_config("configs/finetune.py"), args)

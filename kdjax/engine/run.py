@@ -363,10 +363,12 @@ def inference_speed(model: nnx.Module, split: data.EncodedSplit, batch_size: int
 
 def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh: Mesh,
                    batch_size: int) -> dict:
-    """The student's dev metrics beside the teachers': the teacher's metrics (several teachers:
-    their ensemble, probabilities averaged as the soft targets are), each teacher's own accuracy
-    and the best of them, the student's agreement with the teacher's predictions, and the task's
-    headline `metric` (`data.task_metric`) as `dev_metric` and `teacher_dev_metric`."""
+    """The student's dev metrics beside the teachers': `student_metrics` and `teacher_metrics`
+    hold the same keys (accuracy, mcc, and f1 for two classes or macro_f1 for more; several
+    teachers: their ensemble, probabilities averaged as the soft targets are), the student's
+    are also at the top level; each teacher's own accuracy and the best of them, the student's
+    agreement with the teacher's predictions, and the task's headline `metric`
+    (`data.task_metric`) as `dev_metric` and `teacher_dev_metric`."""
     predict_fn = train.make_predict_step(mesh)
 
     def dev_logits(model):
@@ -380,12 +382,14 @@ def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh
     student_pred = dev_logits(student).argmax(-1)
     teacher_pred = np.mean(each_teacher_probs, 0).argmax(-1)
     single_accuracies = [float(np.mean(p.argmax(-1) == labels)) for p in each_teacher_probs]
-    result = metrics_lib.classification_metrics(student_pred, labels, num_labels)
+    student_metrics = metrics_lib.classification_metrics(student_pred, labels, num_labels)
     teacher_metrics = metrics_lib.classification_metrics(teacher_pred, labels, num_labels)
     metric = data.task_metric(inputs.task.name)
+    # The student's metrics stay at the top level too, where every earlier eval.json has them.
+    result = dict(student_metrics)
     result.update(
         metric=metric, dev_metric=result[metric], teacher_dev_metric=teacher_metrics[metric],
-        teacher_metrics=teacher_metrics,
+        student_metrics=student_metrics, teacher_metrics=teacher_metrics,
         teacher_accuracy=teacher_metrics["accuracy"],
         teacher_accuracies=single_accuracies,
         best_single_teacher_accuracy=max(single_accuracies),
