@@ -293,3 +293,16 @@ def cli_config(args):
     from kdjax import config as config_lib
 
     return config_lib.apply_overrides(config_lib.load_config("configs/finetune.py"), args)
+
+
+def test_the_check_compares_weights_not_bfloat16_rounding(tiny_hf_dir, tmp_path):
+    import transformers
+
+    from kdjax import hf
+
+    # A bfloat16-computing model: its own logits carry bfloat16 rounding, but what it saved are
+    # float32 weights, and the check runs them in float32.
+    model, _, _ = hf.load_pretrained(str(tiny_hf_dir), dtype="bfloat16")
+    out = hf.save_pretrained(model, tmp_path / "hf", label_names=["neg", "neu", "pos"],
+                             tokenizer=transformers.AutoTokenizer.from_pretrained(tiny_hf_dir))
+    assert hf.check_with_transformers(model, out, ["a fine film"], ["a dull plot"]) <= 1e-4
