@@ -54,6 +54,9 @@ def finetune_config() -> ml_collections.ConfigDict:
     # (data.batch_size must be a multiple of k x the devices).
     config.train.grad_accum_steps = 1
     config.train.tensorboard = False
+    # After saving model/, reload it with transformers' PyTorch model and compare logits on dev
+    # examples (as `kdjax export` does); needs torch, else the check is skipped with a message.
+    config.train.check_export = False
     return config
 
 
@@ -233,6 +236,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("teacher.patience", lambda v: v >= 0, "must be >= 0 (0 = never stop early)"),
     ("train.num_devices", lambda v: v >= 0, "must be >= 0 (0 = all devices)"),
     ("train.fsdp", lambda v: isinstance(v, bool), "must be True or False"),
+    ("train.check_export", lambda v: isinstance(v, bool), "must be True or False"),
     ("train.grad_accum_steps", lambda v: isinstance(v, int) and v >= 1,
      "must be an integer >= 1 (micro-batches per update; 1 = off)"),
     # Distillation configs.

@@ -737,8 +737,43 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.class_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
+    result.update(check_saved_model(config, state.model(), workdir / "model", inputs.task))
     distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+# Dev examples `train.check_export` compares on (seconds on a CPU).
+_CHECK_EXAMPLES = 16
+
+
+def check_saved_model(config: ml_collections.ConfigDict, model: BertClassifier,
+                      directory: pathlib.Path, task: data.TaskData) -> dict:
+    """With `train.check_export`, `hf.check_with_transformers` on the first dev examples.
+
+    Returns:
+      {"export_check_max_abs_difference": float or None (torch absent)} for eval.json, or {}
+      when the check is off or the run has several processes (its parameters may be split
+      over them; check the directory with `kdjax export`'s check afterwards).
+
+    Raises:
+      hf.CheckpointError: the saved directory does not reproduce the model.
+    """
+    if not config.train.get("check_export", False):
+        return {}
+    if jax.process_count() > 1:
+        if distributed.is_main_process():
+            print("train.check_export: skipped in a multi-process run", flush=True)
+        return {}
+    examples = task.splits["dev"][:_CHECK_EXAMPLES]
+    difference = hf.check_with_transformers(
+        model, directory, [e.text_a for e in examples] or None,
+        [e.text_b for e in examples] if task.is_pair and examples else None)
+    if difference is None:
+        print(f"train.check_export: skipped for {directory} (torch is not installed)", flush=True)
+    else:
+        print(f"train.check_export: {directory} reloaded by transformers (PyTorch) gives logits "
+              f"within {difference:.2e} of the model on {len(examples)} dev examples", flush=True)
+    return {"export_check_max_abs_difference": difference}
 
 
 def _write_run_files(workdir: pathlib.Path, config, label_names: list[str]) -> None:

@@ -49,7 +49,8 @@ def sst2_like_run(tmp_path_factory, tiny_hf_dir):
             "--config.data.eval_batch_size=16", "--config.train.num_devices=1"]
     workdir = root / "run"
     assert cli.main(["fine-tune", "--config", "configs/finetune.py", "--workdir", str(workdir),
-                     "--no-progress", "--config.train.max_steps=2", *args]) == 0
+                     "--no-progress", "--config.train.max_steps=2",
+                     "--config.train.check_export=True", *args]) == 0
     return workdir, args, dev
 
 
@@ -60,6 +61,9 @@ def test_fine_tuned_model_answers_with_class_names_in_a_pipeline(sst2_like_run):
     config = json.loads((workdir / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     assert config["label2id"] == {"negative": 0, "positive": 1}
+    # train.check_export compared the saved model with transformers' PyTorch model.
+    assert 0 <= json.loads((workdir / "eval.json").read_text())[
+        "export_check_max_abs_difference"] <= 1e-4
     # The run's own label map keeps the values the files hold.
     assert json.loads((workdir / "labels.json").read_text()) == ["0", "1"]
     classify = transformers.pipeline("text-classification", model=str(workdir / "model"),

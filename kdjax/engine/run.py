@@ -449,5 +449,6 @@ def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inp
     hf.save_pretrained(export, workdir / "model", label_names=inputs.class_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
+    result.update(train.check_saved_model(config, export, workdir / "model", inputs.task))
     write_result(workdir, log, result)
     return result

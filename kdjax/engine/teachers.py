@@ -99,6 +99,7 @@ def teacher_finetune_config(config: ml_collections.ConfigDict,
     ft.train.checkpoint_every = config.train.checkpoint_every
     ft.train.holdout_every = config.train.get("holdout_every", 0)
     ft.train.patience = config.teacher.get("patience", 0)
+    ft.train.check_export = config.train.get("check_export", False)
     return ft
 
 
