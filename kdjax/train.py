@@ -471,32 +471,42 @@ class Selection:
       metric: the key of `score`'s result to maximise (the task's headline metric).
       every: steps between evaluations; the run's last step is always evaluated.
       patience: evaluations without improvement before training stops; 0 = never.
+      on_improvement: `(state, step, metrics) -> None`, called when an evaluation improves on
+        the best (`train.export_every_eval` writes the state as a model); None = nothing.
     """
 
     score: Callable[[Any], dict]
     metric: str = "accuracy"
     every: int = 0
     patience: int = 0
+    on_improvement: Callable[[Any, int, dict], None] | None = None
 
     def interval(self, total_steps: int) -> int:
         return self.every or max(1, math.ceil(total_steps / 10))
 
 
 def holdout_selection(config: ml_collections.ConfigDict, holdout: data.EncodedSplit | None,
-                      score: Callable[[Any, data.EncodedSplit], dict]) -> Selection | None:
+                      score: Callable[[Any, data.EncodedSplit], dict],
+                      export_best: Callable[[Any, int, dict], None] | None = None,
+                      ) -> Selection | None:
     """The run's `Selection` when `data.holdout_fraction` set a held-out slice aside, else None.
 
     Args:
-      config: the run's config (`data.task`, `train.holdout_every`, `train.patience`).
+      config: the run's config (`data.task`, `train.holdout_every`, `train.patience`,
+        `train.export_every_eval`).
       holdout: the held-out examples (`TaskInputs.holdout`).
       score: `(state, split) -> metrics` of the state's predicting model.
+      export_best: `(state, step, metrics) -> None` writing the state as a model; called at
+        each improvement when `train.export_every_eval` is on.
     """
     if holdout is None or not len(holdout):
         return None
+    on_improvement = export_best if config.train.get("export_every_eval", False) else None
     return Selection(score=lambda state: score(state, holdout),
                      metric=data.task_metric(config.data.task),
                      every=config.train.get("holdout_every", 0),
-                     patience=config.train.get("patience", 0))
+                     patience=config.train.get("patience", 0),
+                     on_improvement=on_improvement)
 
 
 @dataclasses.dataclass
@@ -590,6 +600,8 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
         if best["metrics"] is None or metrics[selection.metric] > best["metrics"][selection.metric]:
             best.update(step=step, metrics=metrics, since=0)
             best_ckpt.save(step, state.arrays(), {"step": step, "metrics": metrics})
+            if selection.on_improvement is not None:
+                selection.on_improvement(state, step, metrics)
         else:
             best["since"] += 1
             if selection.patience and best["since"] >= selection.patience:
@@ -723,7 +735,10 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                      lr_at=optim.warmup_linear_decay(config.optim.lr, total_steps,
                                                      config.optim.warmup_ratio),
                      progress=progress,
-                     selection=holdout_selection(config, inputs.holdout, score))
+                     selection=holdout_selection(
+                         config, inputs.holdout, score,
+                         export_best=lambda state, step, metrics: export_best_model(
+                             config, state.model(), workdir, inputs, step, metrics)))
     if not run.finished:
         return {"steps": run.steps, "train_seconds": run.train_seconds, "finished": False}
     state = run.state
@@ -740,6 +755,20 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     result.update(check_saved_model(config, state.model(), workdir / "model", inputs.task))
     distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def export_best_model(config: ml_collections.ConfigDict, model: BertClassifier,
+                      workdir: pathlib.Path, inputs: TaskInputs, step: int,
+                      holdout_metrics: dict) -> None:
+    """`train.export_every_eval`: the best model so far as WORKDIR/best_model/ (replaced at each
+    improvement; written next to it and renamed into place, so it is always a whole model)."""
+    hf.save_pretrained(model, workdir / "best_model", label_names=inputs.class_names,
+                       tokenizer=inputs.tokenizer,
+                       extra={"kdjax_config": config_lib.to_dict(config), "step": step,
+                              "holdout": holdout_metrics})
+    if distributed.is_main_process():
+        print(f"train.export_every_eval: step {step} is the best so far on the held-out slice; "
+              f"wrote {workdir / 'best_model'}", flush=True)
 
 
 # Dev examples `train.check_export` compares on (seconds on a CPU).

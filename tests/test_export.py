@@ -310,3 +310,34 @@ def test_the_check_compares_weights_not_bfloat16_rounding(tiny_hf_dir, tmp_path)
     out = hf.save_pretrained(model, tmp_path / "hf", label_names=["neg", "neu", "pos"],
                              tokenizer=transformers.AutoTokenizer.from_pretrained(tiny_hf_dir))
     assert hf.check_with_transformers(model, out, ["a fine film"], ["a dull plot"]) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# train.export_every_eval
+
+
+def test_export_every_eval_writes_the_best_model_so_far(sst2_like_run, tmp_path):
+    import transformers
+
+    from kdjax import config as config_lib, hf
+
+    _, args, _ = sst2_like_run
+    workdir = tmp_path / "run"
+    assert cli.main(["fine-tune", "--config", "configs/finetune.py", "--workdir", str(workdir),
+                     "--no-progress", "--config.train.max_steps=3", "--config.optim.lr=1e-3",
+                     "--config.data.holdout_fraction=0.25", "--config.train.holdout_every=1",
+                     "--config.train.export_every_eval=True", *args]) == 0
+    best = json.loads((workdir / "eval.json").read_text())["selected_step"]
+    saved = json.loads((workdir / "best_model" / "kdjax.json").read_text())
+    assert saved["step"] == best
+    # best_model/ is the selected state: the same weights as the run's final model/.
+    final, _, _ = hf.load_pretrained(str(workdir / "model"))
+    exported, _, _ = hf.load_pretrained(str(workdir / "best_model"))
+    for a, b in zip(hf.to_hf_tensors(final), hf.to_hf_tensors(exported)):
+        np.testing.assert_array_equal(a[1], b[1])
+    assert transformers.AutoConfig.from_pretrained(workdir / "best_model").id2label[1] == (
+        "positive")
+
+    with pytest.raises(config_lib.ConfigError, match="export_every_eval' exports at each"):
+        config_lib.validate(config_lib.apply_overrides(
+            config_lib.load_config("configs/finetune.py"), ["train.export_every_eval=True"]))

@@ -330,7 +330,10 @@ class StagedBertRun(StudentRun):
             # stages have no task output worth scoring), so only it selects on the held-out slice.
             stage.selection = train.holdout_selection(
                 config, inputs.holdout, classifier_score(config, inputs, run.mesh,
-                                                         lambda state: state.model().model))
+                                                         lambda state: state.model().model),
+                export_best=lambda state, step, metrics: train.export_best_model(
+                    config, classifier_only(state.model().model), run.workdir, inputs, step,
+                    metrics))
         print(f"stage {name}: {total_steps} steps over {len(batcher.split)} examples, terms "
               f"{spec.term_names}", flush=True)
         return stage
@@ -426,6 +429,16 @@ def write_result(workdir: pathlib.Path, log, result: dict) -> None:
     distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
 
 
+def classifier_only(student: BertClassifier) -> BertClassifier:
+    """`student` as the exported classifier: without its MLM head (a copy) when it has one."""
+    if student.mlm is None:
+        return student
+    export = BertClassifier(student.config, student.num_labels, rngs=nnx.Rngs(0))
+    nnx.update(export.bert, nnx.state(student.bert, nnx.Param))
+    nnx.update(export.classifier, nnx.state(student.classifier, nnx.Param))
+    return export
+
+
 def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inputs, mesh,
            log, train_seconds: float, stage_results: dict, measure_throughput: bool,
            extra: dict | None = None) -> dict:
@@ -440,12 +453,7 @@ def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inp
     result.update(extra or {})
     if inputs.holdout is not None and len(inputs.holdout):
         result["holdout_examples"] = len(inputs.holdout)
-    export = student
-    if student.mlm is not None:
-        # The exported classifier carries no MLM head: save a copy without it.
-        export = BertClassifier(student.config, student.num_labels, rngs=nnx.Rngs(0))
-        nnx.update(export.bert, nnx.state(student.bert, nnx.Param))
-        nnx.update(export.classifier, nnx.state(student.classifier, nnx.Param))
+    export = classifier_only(student)
     hf.save_pretrained(export, workdir / "model", label_names=inputs.class_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
