@@ -62,7 +62,7 @@ def _saved_model(model_dir: pathlib.Path):
         model = bilstm.load_bilstm(model_dir)
         names = list(model.config.label_names) or [str(i) for i in range(model.config.num_labels)]
         return model, names, tokenizer, config
-    model, _, raw = hf.load_pretrained(str(model_dir))
+    model, _, _ = hf.load_pretrained(str(model_dir))
     names = hf.label_names_of(model_dir) or [str(i) for i in range(model.num_labels)]
     return model, names, tokenizer, config
 

@@ -119,20 +119,20 @@ def _assert_ordinary_modes(directory):
 
 
 def test_export_check_fails_loudly_on_a_wrong_export(sst2_like_run, tmp_path):
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
     from kdjax import hf, train
 
     workdir, _, _ = sst2_like_run
     model, _, _, _ = train.load_run(workdir)
     out = hf.save_pretrained(model, tmp_path / "hf", label_names=["negative", "positive"],
-                             tokenizer=__import__("transformers").AutoTokenizer.from_pretrained(
+                             tokenizer=transformers.AutoTokenizer.from_pretrained(
                                  workdir / "model"))
     # A broken export: the classifier bias written 1e-3 off.
-    config = json.loads((out / "config.json").read_text())
-    from safetensors.numpy import load_file, save_file
     tensors = load_file(str(out / "model.safetensors"))
     tensors["classifier.bias"] = tensors["classifier.bias"] + 1e-3
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    assert config["id2label"]["1"] == "positive"
     with pytest.raises(hf.CheckpointError, match=r"max \|difference\| 0\.001 > 0\.0001"):
         hf.check_with_transformers(model, out)
 
