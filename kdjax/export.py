@@ -35,6 +35,10 @@ def dev_texts(data_config: ml_collections.ConfigDict | dict | None, limit: int =
     if not data_config:
         return fallback
     cfg = dict(data_config)
+    task_name = str(cfg.get("task", "")).lower().replace("-", "")
+    if not (cfg.get("train_file") or cfg.get("dev_file")) and (
+            task_name not in data.GLUE_TASKS or data.find_local_glue_dir(task_name) is None):
+        return fallback  # Only local data: a check must not wait on a hub download.
     try:
         task = data.load_task(cfg.get("task", ""), train_file=cfg.get("train_file", ""),
                               dev_file=cfg.get("dev_file", ""),
