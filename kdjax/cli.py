@@ -3,7 +3,7 @@
   kdjax fine-tune --config configs/finetune.py[:quick] [--config.KEY=VALUE ...] --workdir DIR
   kdjax distill   --config configs/RECIPE.py[:SETTING] [--config.KEY=VALUE ...] --workdir DIR
   kdjax eval      --model DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
-  kdjax export    --workdir DIR [--step N] [--out DIR]
+  kdjax export    (--workdir DIR [--step N] | --model DIR) [--format hf|stablehlo] [--out DIR]
   kdjax bench     [--quick] [--json PATH] [--preset minilm|bert-base] [--dtype float32|bfloat16]
   kdjax report    RUN_DIR... [--out DIR] [--html]
 
@@ -50,11 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", default=_DEFAULT_CONFIG,
                           help="config naming the task and batch sizes (default: %(default)s)")
 
-    export = commands.add_parser("export", help="write a run's checkpoint as a Hugging Face "
-                                                "model directory")
-    export.add_argument("--workdir", required=True)
+    export = commands.add_parser(
+        "export", help="write a fine-tuning run's checkpoint as a Hugging Face directory, or a "
+                       "run's checkpoint or saved model as a StableHLO artifact; each export "
+                       "checks itself against the model it came from")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a fine-tuning run directory (its checkpoints)")
+    source.add_argument("--model", help="a saved model directory (WORKDIR/model of a fine-tune "
+                                        "or distillation, BERT or BiLSTM); --format stablehlo")
     export.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
-    export.add_argument("--out", default=None, help="default: WORKDIR/export-STEP")
+    export.add_argument("--format", choices=("hf", "stablehlo"), default="hf",
+                        help="hf: a Hugging Face directory (default); stablehlo: a serialized "
+                             "jax.export artifact with tokenizer and label map")
+    export.add_argument("--out", default=None,
+                        help="default: WORKDIR/export-STEP (stablehlo: export-STEP-stablehlo; "
+                             "with --model: MODEL-stablehlo)")
+    export.add_argument("--no-check", action="store_true",
+                        help="skip reloading the export and comparing its logits")
 
     report = commands.add_parser(
         "report", help="a Markdown (and HTML) report with a results table and figures from "
@@ -155,19 +167,17 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config()
             report(train.evaluate_saved_model(args.model, config))
         elif args.command == "export":
-            model, label_names, config, step = train.load_run(args.workdir, args.step)
-            out = args.out or pathlib.Path(args.workdir) / f"export-{step}"
-            import transformers
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                str(hf.resolve_checkpoint(config.model.name)))
-            hf.save_pretrained(model, out, label_names=label_names, tokenizer=tokenizer)
+            from kdjax import export as export_lib
+            result = export_lib.export(workdir=args.workdir, model_dir=args.model,
+                                       step=args.step, fmt=args.format, out=args.out,
+                                       check=not args.no_check)
             if distributed.is_main_process():
-                print(f"wrote step {step} of {args.workdir} to {out}")
+                print(export_lib.describe(result))
         elif args.command == "bench":
             from kdjax import bench
             bench.main(args)
     except (config_lib.ConfigError, data.DataError, hf.CheckpointError, FileNotFoundError,
-            train.TrainingDiverged, ValueError) as e:
+            train.TrainingDiverged, ValueError) as e:  # ExportError is a ValueError.
         # One line, whatever the message: a wrapped library message may span several.
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"kdjax {args.command}: error: {message}", file=sys.stderr)

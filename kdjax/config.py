@@ -54,6 +54,13 @@ def finetune_config() -> ml_collections.ConfigDict:
     # (data.batch_size must be a multiple of k x the devices).
     config.train.grad_accum_steps = 1
     config.train.tensorboard = False
+    # After saving model/, reload it with transformers' PyTorch model and compare logits on dev
+    # examples (as `kdjax export` does); needs torch, else the check is skipped with a message.
+    config.train.check_export = False
+    # With a held-out slice: at each evaluation that improves on it, write the state to
+    # WORKDIR/best_model/ (a Hugging Face directory), so a long run has a model to ship before
+    # it ends.
+    config.train.export_every_eval = False
     return config
 
 
@@ -67,6 +74,9 @@ def data_config() -> ml_collections.ConfigDict:
     # Whether `"` quotes a TSV/CSV field: none (quotes are text, GLUE's convention), csv (a
     # quoted field may hold delimiters, quotes and line breaks), auto (none for .tsv, csv for .csv).
     data.quoting = "auto"
+    # Class names saved with models (id2label), in label-index order (integers ascending, else
+    # sorted); () = the task's known names (GLUE) or the labels as written in the files.
+    data.label_names = ()
     # Tokens per example; 0 = the smallest length bucket holding 99 % of the training set whole.
     data.max_length = 64
     data.buckets = ()  # Padded lengths jit compiles for; () = the default ladder.
@@ -234,6 +244,8 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("teacher.patience", lambda v: v >= 0, "must be >= 0 (0 = never stop early)"),
     ("train.num_devices", lambda v: v >= 0, "must be >= 0 (0 = all devices)"),
     ("train.fsdp", lambda v: isinstance(v, bool), "must be True or False"),
+    ("train.check_export", lambda v: isinstance(v, bool), "must be True or False"),
+    ("train.export_every_eval", lambda v: isinstance(v, bool), "must be True or False"),
     ("train.grad_accum_steps", lambda v: isinstance(v, int) and v >= 1,
      "must be an integer >= 1 (micro-batches per update; 1 = off)"),
     # Distillation configs.
@@ -324,6 +336,10 @@ def validate(config: ml_collections.ConfigDict,
             raise ConfigError(f"config key 'data.buckets' must reach data.max_length "
                               f"({max_length}), got {buckets!r}")
     if not _get(config, "data.holdout_fraction"):
+        if _get(config, "train.export_every_eval") is True:
+            raise ConfigError("config key 'train.export_every_eval' exports at each held-out "
+                              "evaluation, which data.holdout_fraction=0 turns off; set a "
+                              "fraction (e.g. 0.05) or export_every_eval to False")
         for key in ("train.patience", "teacher.patience"):
             if _get(config, key) not in (_MISSING, None, 0):
                 raise ConfigError(f"config key {key!r} stops on the held-out slice, which "

@@ -50,7 +50,7 @@ class TaskData:
     """The splits of one task and the label map they share."""
 
     name: str
-    label_names: list[str]  # index -> original label as a string; saved with models
+    label_names: list[str]  # index -> original label as a string (the values in the files)
     splits: dict[str, list[Example]]  # e.g. {"train": [...], "dev": [...]}
     is_pair: bool
 
@@ -81,6 +81,50 @@ GLUE_HEADERLESS: dict[str, tuple[str, ...]] = {
 # The metric a task is judged by (GLUE's: Matthews correlation for CoLA); accuracy elsewhere.
 # Every evaluation reports accuracy, mcc and F1; this names the headline one.
 TASK_METRIC: dict[str, str] = {"cola": "mcc"}
+
+
+# The class names of GLUE tasks whose files hold integer labels, index = the integer (as the hub's
+# ClassLabel features name them). Saved models carry these in id2label, so a pipeline answers
+# "positive" instead of "1". Tasks whose files hold the names themselves (RTE, QNLI, MNLI in the
+# GLUE TSVs) keep their own.
+GLUE_LABEL_NAMES: dict[str, tuple[str, ...]] = {
+    "sst2": ("negative", "positive"),
+    "cola": ("unacceptable", "acceptable"),
+    "mrpc": ("not_equivalent", "equivalent"),
+    "qqp": ("not_duplicate", "duplicate"),
+    "qnli": ("entailment", "not_entailment"),
+    "mnli": ("entailment", "neutral", "contradiction"),
+    "rte": ("entailment", "not_entailment"),
+    "wnli": ("not_entailment", "entailment"),
+}
+
+
+def class_names(task: str, label_names: Sequence[str], configured: Sequence[str] = ()
+                ) -> list[str]:
+    """The names a saved model gives its classes (its id2label), index by index.
+
+    The label values read from the files (`TaskData.label_names`) decide the classes and their
+    order; this only names them: `configured` (`data.label_names`) when given, else the task's
+    known names (`GLUE_LABEL_NAMES`) when the files' labels are exactly the integers 0..n-1,
+    else the values themselves.
+
+    Raises:
+      DataError: `configured` has the wrong count, an empty name or a repeated name.
+    """
+    label_names = list(label_names)
+    if configured:
+        names = [str(n).strip() for n in configured]
+        if len(names) != len(label_names):
+            raise DataError(f"data.label_names has {len(names)} names {names} for "
+                            f"{len(label_names)} labels {label_names} (index order)")
+        if not all(names) or len(set(names)) != len(names):
+            raise DataError(f"data.label_names must be distinct, non-empty names, got {names}")
+        return names
+    known = GLUE_LABEL_NAMES.get(task.lower().replace("-", ""))
+    if known and len(known) == len(label_names) and _all_ints(label_names) and [
+            int(v) for v in label_names] == list(range(len(known))):
+        return list(known)
+    return label_names
 
 
 def task_metric(task: str) -> str:

@@ -38,6 +38,16 @@ _UNSUPPORTED = {
 }
 
 
+# BERT task heads whose tensors would load into a sequence classifier under the same names but
+# mean something else: a token classifier's `classifier` labels every token (and it has no
+# pooler), a multiple-choice head scores one choice per row, a QA head predicts spans.
+_OTHER_TASK_HEADS = {
+    "BertForTokenClassification": "a token classifier (one label per token)",
+    "BertForMultipleChoice": "a multiple-choice scorer",
+    "BertForQuestionAnswering": "a span (question answering) predictor",
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
@@ -181,6 +191,13 @@ def read_config(ckpt_dir: pathlib.Path) -> tuple[BertConfig, dict]:
     if model_type != "bert":
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported; "
                               "kdjax's encoder implements the BERT architecture ('bert')")
+    for architecture in raw.get("architectures") or ():
+        if architecture in _OTHER_TASK_HEADS:
+            raise CheckpointError(
+                f"{config_file}: architecture {architecture} is {_OTHER_TASK_HEADS[architecture]}"
+                ", not a sequence classifier; kdjax loads BertForSequenceClassification, "
+                "BertModel and BertForPreTraining/BertForMaskedLM checkpoints (to start from its "
+                "encoder, save `model.bert` with transformers and load that)")
     for field, supported in _UNSUPPORTED.items():
         if raw.get(field, supported) != supported:
             raise CheckpointError(f"{config_file}: {field}={raw[field]!r} is not supported "
@@ -193,37 +210,73 @@ def read_config(ckpt_dir: pathlib.Path) -> tuple[BertConfig, dict]:
     return config, raw
 
 
+def _shard_files(index_file: pathlib.Path) -> list[pathlib.Path]:
+    """The shard files a sharded checkpoint's index (`*.index.json`, as transformers writes with
+    `max_shard_size`) names in its weight_map, each once, in order."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_file}: not a shard index with a weight_map "
+                              f"({type(e).__name__}: {e})") from None
+    shards = [index_file.parent / name for name in dict.fromkeys(weight_map.values())]
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{index_file}: lists shard {shard.name}, which is missing")
+    return shards
+
+
 def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
     safetensors_file = ckpt_dir / "model.safetensors"
+    safetensors_index = ckpt_dir / "model.safetensors.index.json"
     bin_file = ckpt_dir / "pytorch_model.bin"
-    if safetensors_file.is_file():
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+    bin_index = ckpt_dir / "pytorch_model.bin.index.json"
+    if safetensors_file.is_file() or safetensors_index.is_file():
+        shards = ([safetensors_file] if safetensors_file.is_file()
+                  else _shard_files(safetensors_index))
+        tensors = {}
+        for shard in shards:
+            tensors.update(_load_safetensors(shard))
+        return tensors
+    if bin_file.is_file() or bin_index.is_file():
         try:
-            return load_file(str(safetensors_file))
-        except SafetensorError as e:
-            # The library's message does not name the file; a cut-off download is the usual cause.
-            raise CheckpointError(
-                f"{safetensors_file}: unreadable safetensors file ({e}; "
-                f"{safetensors_file.stat().st_size:,} bytes: truncated or damaged? download or "
-                "export it again)") from None
-    if bin_file.is_file():
-        try:
-            import torch
+            import torch  # noqa: F401
         except ImportError:
-            raise CheckpointError(f"{bin_file}: reading a PyTorch pickle needs torch; convert it "
-                                  "to model.safetensors or `pip install torch==2.13.0`") from None
-        try:
-            state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-            # Its first sentence says what failed; the rest is general advice.
-            first_sentence = str(e).strip().split("\n")[0].split(". ")[0].rstrip(".")
-            raise CheckpointError(f"{bin_file}: unreadable PyTorch checkpoint "
-                                  f"({type(e).__name__}: {first_sentence}; truncated or "
-                                  "damaged?)") from None
-        return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-                for k, v in state.items()}
-    raise CheckpointError(f"{ckpt_dir}: no model.safetensors or pytorch_model.bin")
+            raise CheckpointError(f"{ckpt_dir}: reading a PyTorch pickle needs torch; convert "
+                                  "it to model.safetensors or `pip install torch==2.13.0`"
+                                  ) from None
+        shards = [bin_file] if bin_file.is_file() else _shard_files(bin_index)
+        tensors = {}
+        for shard in shards:
+            tensors.update(_load_torch_bin(shard))
+        return tensors
+    raise CheckpointError(f"{ckpt_dir}: no model.safetensors, model.safetensors.index.json or "
+                          "pytorch_model.bin")
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        # The library's message does not name the file; a cut-off download is the usual cause.
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file ({e}; {path.stat().st_size:,} bytes: "
+            "truncated or damaged? download or export it again)") from None
+
+
+def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
+    import torch
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        # Its first sentence says what failed; the rest is general advice.
+        first_sentence = str(e).strip().split("\n")[0].split(". ")[0].rstrip(".")
+        raise CheckpointError(f"{path}: unreadable PyTorch checkpoint "
+                              f"({type(e).__name__}: {first_sentence}; truncated or "
+                              "damaged?)") from None
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items()}
 
 
 def _label_names(raw_config: dict) -> list[str] | None:
@@ -311,6 +364,87 @@ def load_pretrained(name_or_path: str, *, num_labels: int | None = None,
 
 
 # ------------------------------------------------------------------------------------------------
+# Checking an export against transformers
+
+# What a saved directory must reproduce: float32 logits agree with transformers' PyTorch model
+# this closely (the parity tests' tolerance; the two differ only by float rounding order).
+EXPORT_TOLERANCE = 1e-4
+
+# Inputs for the check when no dev examples are at hand: mixed lengths, so rows carry padding.
+CHECK_SENTENCES = ("a gripping, beautifully acted film .",
+                   "dull .",
+                   "the plot goes nowhere and the jokes fall flat , but the cast seems to enjoy "
+                   "itself anyway .",
+                   "it 's not bad .")
+
+
+def import_torch():
+    """The torch module, or None when it is not installed (kdjax itself never needs it)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def float32_copy(model: BertClassifier) -> BertClassifier:
+    """`model` computing in float32 (parameters are float32 already), so a check compares
+    weights, not bfloat16 rounding."""
+    if model.config.dtype == "float32":
+        return model
+    copy = BertClassifier(model.config.replace(dtype="float32"), model.num_labels,
+                          rngs=nnx.Rngs(0), mlm_head=model.mlm is not None)
+    nnx.update(copy, nnx.state(model, nnx.Param))
+    return copy
+
+
+def check_with_transformers(model: BertClassifier, directory: str | os.PathLike,
+                            texts_a: list[str] | None = None, texts_b: list[str] | None = None,
+                            *, tolerance: float = EXPORT_TOLERANCE) -> float | None:
+    """Loads `directory` with transformers' `AutoModelForSequenceClassification` (PyTorch) and
+    compares its logits with `model`'s on the same tokens.
+
+    Args:
+      model: the model that was saved to `directory`.
+      directory: a directory written by `save_pretrained`, with tokenizer files.
+      texts_a, texts_b: the inputs (sentences, or the pairs' two sides); None takes
+        `CHECK_SENTENCES`.
+      tolerance: the largest acceptable absolute logit difference.
+
+    Returns:
+      The largest absolute logit difference, or None when torch is not installed (no check).
+
+    Raises:
+      CheckpointError: the difference exceeds `tolerance`.
+    """
+    torch = import_torch()
+    if torch is None:
+        return None
+    import transformers
+
+    directory = pathlib.Path(directory)
+    texts_a = list(texts_a or CHECK_SENTENCES)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+    batch = tokenizer(texts_a, texts_b, padding=True, truncation=True,
+                      max_length=min(model.config.max_position_embeddings, 512),
+                      return_tensors="np")
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(directory), attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = reference(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+    ours = np.asarray(float32_copy(model)(
+        jax.numpy.asarray(batch["input_ids"]), jax.numpy.asarray(batch["attention_mask"]),
+        jax.numpy.asarray(batch.get("token_type_ids", np.zeros_like(batch["input_ids"])))
+    ).logits)
+    difference = float(np.max(np.abs(ours - theirs)))
+    if not difference <= tolerance:  # `not <=` also catches NaN.
+        raise CheckpointError(f"{directory}: transformers' PyTorch model gives other logits than "
+                              f"the model that was saved (max |difference| {difference:.3g} > "
+                              f"{tolerance:g} on {len(texts_a)} examples)")
+    return difference
+
+
+# ------------------------------------------------------------------------------------------------
 # Saving
 
 
@@ -339,6 +473,23 @@ def hf_config_dict(config: BertConfig, label_names: list[str], *,
         "label2id": {name: i for i, name in enumerate(label_names)},
         **fields,
     }
+
+
+def give_default_modes(directory: pathlib.Path, reference_file: pathlib.Path) -> None:
+    """Gives `directory` and its files the modes an ordinary write would have given them.
+
+    `tempfile.mkdtemp` makes the staging directory 0700 and safetensors writes its file 0600,
+    so a renamed-into-place export would be unreadable to anyone else, unlike a file written
+    with `open()` under the user's umask. `reference_file` is such a file (e.g. config.json);
+    the directory gets its mode plus execute wherever it allows reading (0644 -> 0755).
+    """
+    file_mode = reference_file.stat().st_mode & 0o777
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(file_mode)
+        elif path.is_dir():
+            path.chmod(file_mode | (file_mode & 0o444) >> 2)
+    directory.chmod(file_mode | (file_mode & 0o444) >> 2)
 
 
 def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
@@ -378,14 +529,15 @@ def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tensors = dict(to_hf_tensors(model))
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config = hf_config_dict(model.config, label_names, mlm_head=model.mlm is not None)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tensors = dict(to_hf_tensors(model))
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         if extra is not None:
             (staging / "kdjax.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+        give_default_modes(staging, staging / "config.json")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -308,12 +308,18 @@ def evaluate_saved_model(model_dir: str | pathlib.Path,
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.model.name = str(model_dir)
-    inputs = prepare_task(config)
+    # Only dev is evaluated: a training file, when given, only supplies the label map.
+    inputs = prepare_task(config, dev_only=True)
     model, _, _ = hf.load_pretrained(str(inputs.checkpoint_dir), dtype=config.model.dtype)
     saved_labels = hf.label_names_of(inputs.checkpoint_dir)
-    if saved_labels is not None and saved_labels != inputs.task.label_names:
+    # A model saved before kdjax named the classes carries the label values as names.
+    if saved_labels is not None and saved_labels not in (inputs.task.label_names,
+                                                          inputs.class_names):
+        source = "" if config.data.train_file or not config.data.dev_file else (
+            " (read from the dev file alone: no data.train_file; a class missing from dev "
+            "needs the training file's label map)")
         raise ValueError(f"{model_dir} was trained with labels {saved_labels}, but the task "
-                         f"{config.data.task!r} has labels {inputs.task.label_names}")
+                         f"{config.data.task!r} has labels {inputs.task.label_names}{source}")
     mesh = sharding.make_mesh(config.train.num_devices)
     graphdef, params = nnx.split(model, nnx.Param)
     return evaluate(make_predict_step(mesh), graphdef, sharding.replicate(params, mesh),
@@ -345,6 +351,9 @@ class TaskInputs:
     # Where `train`'s rows are in task.splits["train"] (a method that builds more examples from
     # the raw sentences, such as augmentation, starts from these).
     train_indices: np.ndarray | None = None
+    # The names saved models give the classes (id2label), index by index (`data.class_names`):
+    # the labels stay task.label_names, the values the files hold.
+    class_names: list[str] | None = None
 
     @property
     def train_examples(self) -> list[data.Example]:
@@ -358,8 +367,12 @@ class TaskInputs:
 _MAX_AUTO_LENGTH = 512
 
 
-def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
+def prepare_task(config: ml_collections.ConfigDict, *, dev_only: bool = False) -> TaskInputs:
     """Loads the task named by `config.data` and tokenises it with `config.model.name`'s tokenizer.
+
+    With `dev_only` (evaluation), the training split is not needed: its file, when there is one,
+    only gives the label map (else the dev file's own labels do), `max_length=0` is resolved on
+    dev, and `train`, `holdout` and `unlabelled_rest` are empty.
     """
     import transformers
 
@@ -376,17 +389,26 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
                                  f"{first_line})") from None
     task = data.load_task(cfg.task, train_file=cfg.train_file, dev_file=cfg.dev_file,
                           text_columns=tuple(cfg.text_columns), label_column=cfg.label_column,
-                          quoting=cfg.get("quoting", "auto"))
+                          quoting=cfg.get("quoting", "auto"),
+                          splits=("dev",) if dev_only else ("train", "dev"))
+    length_split = "dev" if dev_only else "train"
     max_length = cfg.max_length
     if not max_length:
         # Auto: the smallest length bucket that holds 99 % of the training examples whole.
         cap = min(_MAX_AUTO_LENGTH, tokenizer.model_max_length)
-        max_length, held = data.covering_length(task.splits["train"], tokenizer, cap,
+        max_length, held = data.covering_length(task.splits[length_split], tokenizer, cap,
                                                 widths=tuple(cfg.buckets))
         print(f"data.max_length=0 (auto): {max_length} tokens hold {100 * held:.2f} % of the "
-              f"training examples whole", flush=True)
-    train = data.encode(task.splits["train"], tokenizer, max_length)
+              f"{length_split} examples whole", flush=True)
     dev = data.encode(task.splits["dev"], tokenizer, max_length)
+    if dev_only:
+        nothing = dev.subset(np.arange(0))
+        buckets = tuple(cfg.buckets) or data.default_buckets(max_length)
+        if cfg.dev_limit and cfg.dev_limit < len(dev):
+            dev = dev.subset(np.arange(cfg.dev_limit))
+        return TaskInputs(task, tokenizer, ckpt_dir, nothing, dev, buckets, max_length, nothing,
+                          nothing, np.arange(0), task_class_names(config, task))
+    train = data.encode(task.splits["train"], tokenizer, max_length)
     labelled, held_out, rest = data.training_indices(
         len(train), train_limit=cfg.train_limit, holdout_fraction=cfg.get("holdout_fraction", 0.0),
         seed=cfg.subset_seed)
@@ -397,7 +419,13 @@ def prepare_task(config: ml_collections.ConfigDict) -> TaskInputs:
         dev = dev.subset(np.arange(cfg.dev_limit))
     buckets = tuple(cfg.buckets) or data.default_buckets(max_length)
     return TaskInputs(task, tokenizer, ckpt_dir, train, dev, buckets, max_length, rest,
-                      holdout, labelled)
+                      holdout, labelled, task_class_names(config, task))
+
+
+def task_class_names(config: ml_collections.ConfigDict, task: data.TaskData) -> list[str]:
+    """`data.class_names` for `task` with `config.data.label_names` (absent in older configs)."""
+    return data.class_names(config.data.task, task.label_names,
+                            tuple(config.data.get("label_names", ()) or ()))
 
 
 def total_train_steps(config: ml_collections.ConfigDict, batches_per_epoch: int) -> int:
@@ -467,32 +495,42 @@ class Selection:
       metric: the key of `score`'s result to maximise (the task's headline metric).
       every: steps between evaluations; the run's last step is always evaluated.
       patience: evaluations without improvement before training stops; 0 = never.
+      on_improvement: `(state, step, metrics) -> None`, called when an evaluation improves on
+        the best (`train.export_every_eval` writes the state as a model); None = nothing.
     """
 
     score: Callable[[Any], dict]
     metric: str = "accuracy"
     every: int = 0
     patience: int = 0
+    on_improvement: Callable[[Any, int, dict], None] | None = None
 
     def interval(self, total_steps: int) -> int:
         return self.every or max(1, math.ceil(total_steps / 10))
 
 
 def holdout_selection(config: ml_collections.ConfigDict, holdout: data.EncodedSplit | None,
-                      score: Callable[[Any, data.EncodedSplit], dict]) -> Selection | None:
+                      score: Callable[[Any, data.EncodedSplit], dict],
+                      export_best: Callable[[Any, int, dict], None] | None = None,
+                      ) -> Selection | None:
     """The run's `Selection` when `data.holdout_fraction` set a held-out slice aside, else None.
 
     Args:
-      config: the run's config (`data.task`, `train.holdout_every`, `train.patience`).
+      config: the run's config (`data.task`, `train.holdout_every`, `train.patience`,
+        `train.export_every_eval`).
       holdout: the held-out examples (`TaskInputs.holdout`).
       score: `(state, split) -> metrics` of the state's predicting model.
+      export_best: `(state, step, metrics) -> None` writing the state as a model; called at
+        each improvement when `train.export_every_eval` is on.
     """
     if holdout is None or not len(holdout):
         return None
+    on_improvement = export_best if config.train.get("export_every_eval", False) else None
     return Selection(score=lambda state: score(state, holdout),
                      metric=data.task_metric(config.data.task),
                      every=config.train.get("holdout_every", 0),
-                     patience=config.train.get("patience", 0))
+                     patience=config.train.get("patience", 0),
+                     on_improvement=on_improvement)
 
 
 @dataclasses.dataclass
@@ -591,6 +629,8 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
         if best["metrics"] is None or metrics[selection.metric] > best["metrics"][selection.metric]:
             best.update(step=step, metrics=metrics, since=0)
             best_ckpt.save(step, state.arrays(), {"step": step, "metrics": metrics})
+            if selection.on_improvement is not None:
+                selection.on_improvement(state, step, metrics)
         else:
             best["since"] += 1
             if selection.patience and best["since"] >= selection.patience:
@@ -725,7 +765,10 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                      lr_at=optim.warmup_linear_decay(config.optim.lr, total_steps,
                                                      config.optim.warmup_ratio),
                      progress=progress,
-                     selection=holdout_selection(config, inputs.holdout, score))
+                     selection=holdout_selection(
+                         config, inputs.holdout, score,
+                         export_best=lambda state, step, metrics: export_best_model(
+                             config, state.model(), workdir, inputs, step, metrics)))
     if not run.finished:
         return {"steps": run.steps, "train_seconds": run.train_seconds, "finished": False}
     state = run.state
@@ -739,11 +782,60 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if len(inputs.holdout):
         result["holdout_examples"] = len(inputs.holdout)
     log.write(run.steps, "dev", result)
-    hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.task.label_names,
+    hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.class_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
+    result.update(check_saved_model(config, state.model(), workdir / "model", inputs.task))
     distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def export_best_model(config: ml_collections.ConfigDict, model: BertClassifier,
+                      workdir: pathlib.Path, inputs: TaskInputs, step: int,
+                      holdout_metrics: dict) -> None:
+    """`train.export_every_eval`: the best model so far as WORKDIR/best_model/ (replaced at each
+    improvement; written next to it and renamed into place, so it is always a whole model)."""
+    hf.save_pretrained(model, workdir / "best_model", label_names=inputs.class_names,
+                       tokenizer=inputs.tokenizer,
+                       extra={"kdjax_config": config_lib.to_dict(config), "step": step,
+                              "holdout": holdout_metrics})
+    if distributed.is_main_process():
+        print(f"train.export_every_eval: step {step} is the best so far on the held-out slice; "
+              f"wrote {workdir / 'best_model'}", flush=True)
+
+
+# Dev examples `train.check_export` compares on (seconds on a CPU).
+_CHECK_EXAMPLES = 16
+
+
+def check_saved_model(config: ml_collections.ConfigDict, model: BertClassifier,
+                      directory: pathlib.Path, task: data.TaskData) -> dict:
+    """With `train.check_export`, `hf.check_with_transformers` on the first dev examples.
+
+    Returns:
+      {"export_check_max_abs_difference": float or None (torch absent)} for eval.json, or {}
+      when the check is off or the run has several processes (its parameters may be split
+      over them; check the directory with `kdjax export`'s check afterwards).
+
+    Raises:
+      hf.CheckpointError: the saved directory does not reproduce the model.
+    """
+    if not config.train.get("check_export", False):
+        return {}
+    if jax.process_count() > 1:
+        if distributed.is_main_process():
+            print("train.check_export: skipped in a multi-process run", flush=True)
+        return {}
+    examples = task.splits["dev"][:_CHECK_EXAMPLES]
+    difference = hf.check_with_transformers(
+        model, directory, [e.text_a for e in examples] or None,
+        [e.text_b for e in examples] if task.is_pair and examples else None)
+    if difference is None:
+        print(f"train.check_export: skipped for {directory} (torch is not installed)", flush=True)
+    else:
+        print(f"train.check_export: {directory} reloaded by transformers (PyTorch) gives logits "
+              f"within {difference:.2e} of the model on {len(examples)} dev examples", flush=True)
+    return {"export_check_max_abs_difference": difference}
 
 
 def _write_run_files(workdir: pathlib.Path, config, label_names: list[str]) -> None:

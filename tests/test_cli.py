@@ -83,4 +83,4 @@ def test_real_sst2_minilm_smoke_run(tmp_path, minilm_dir, sst2_dir):
     train_losses = [l["loss"] for l in lines if l["split"] == "train"]
     assert train_losses[-1] < train_losses[0], train_losses
     ref = transformers.BertForSequenceClassification.from_pretrained(workdir / "model")
-    assert ref.config.id2label == {0: "0", 1: "1"}
+    assert ref.config.id2label == {0: "negative", 1: "positive"}  # data.GLUE_LABEL_NAMES

@@ -188,7 +188,10 @@ def start_task(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                           text_columns=tuple(config.data.text_columns),
                           label_column=config.data.label_column, splits=("dev",),
                           quoting=config.data.get("quoting", "auto"))
-    teacher_dirs = prepare_teachers(config, workdir, task.label_names, progress=progress)
+    # Named before any teacher is fine-tuned, so a bad data.label_names fails at once.
+    class_names = train.task_class_names(config, task)
+    teacher_dirs = prepare_teachers(config, workdir, task.label_names, class_names,
+                                    progress=progress)
     task_config = ml_collections.ConfigDict({"model": {"name": str(teacher_dirs[0])},
                                              "data": config.data.to_dict()})
     return teacher_dirs, train.prepare_task(task_config)
@@ -332,7 +335,10 @@ class StagedBertRun(StudentRun):
             # stages have no task output worth scoring), so only it selects on the held-out slice.
             stage.selection = train.holdout_selection(
                 config, inputs.holdout, classifier_score(config, inputs, run.mesh,
-                                                         lambda state: state.model().model))
+                                                         lambda state: state.model().model),
+                export_best=lambda state, step, metrics: train.export_best_model(
+                    config, classifier_only(state.model().model), run.workdir, inputs, step,
+                    metrics))
         print(f"stage {name}: {total_steps} steps over {len(batcher.split)} examples, terms "
               f"{spec.term_names}", flush=True)
         return stage
@@ -375,11 +381,13 @@ def dev_logits(model: nnx.Module, inputs: train.TaskInputs, mesh: Mesh, batch_si
 
 def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh: Mesh,
                    batch_size: int, *, logits_path: pathlib.Path | None = None) -> dict:
-    """The student's dev metrics beside the teachers': the teacher's metrics (several teachers:
-    their ensemble, probabilities averaged as the soft targets are), each teacher's own accuracy
-    and the best of them, the student's agreement with the teacher's predictions, KL(teacher ||
-    student), the expected calibration error (15 bins) of both, and the task's headline `metric`
-    (`data.task_metric`) as `dev_metric` and `teacher_dev_metric`.
+    """The student's dev metrics beside the teachers': `student_metrics` and `teacher_metrics`
+    hold the same keys (accuracy, mcc, and f1 for two classes or macro_f1 for more; several
+    teachers: their ensemble, probabilities averaged as the soft targets are), the student's
+    are also at the top level; each teacher's own accuracy and the best of them, the student's
+    agreement with the teacher's predictions, KL(teacher || student), the expected calibration
+    error (15 bins) of both, and the task's headline `metric` (`data.task_metric`) as
+    `dev_metric` and `teacher_dev_metric`.
 
     Args:
       logits_path: also save the dev logits of student and teacher there (`metrics.write_dev_logits`;
@@ -396,12 +404,14 @@ def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh
     student_pred = student_logits.argmax(-1)
     teacher_pred = teacher_logits.argmax(-1)
     single_accuracies = [float(np.mean(p.argmax(-1) == labels)) for p in each_teacher_probs]
-    result = metrics_lib.classification_metrics(student_pred, labels, num_labels)
+    student_metrics = metrics_lib.classification_metrics(student_pred, labels, num_labels)
     teacher_metrics = metrics_lib.classification_metrics(teacher_pred, labels, num_labels)
     metric = data.task_metric(inputs.task.name)
+    # The student's metrics stay at the top level too, where every earlier eval.json has them.
+    result = dict(student_metrics)
     result.update(
         metric=metric, dev_metric=result[metric], teacher_dev_metric=teacher_metrics[metric],
-        teacher_metrics=teacher_metrics,
+        student_metrics=student_metrics, teacher_metrics=teacher_metrics,
         teacher_accuracy=teacher_metrics["accuracy"],
         teacher_accuracies=single_accuracies,
         best_single_teacher_accuracy=max(single_accuracies),
@@ -503,6 +513,16 @@ def write_result(workdir: pathlib.Path, log, result: dict) -> None:
     distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
 
 
+def classifier_only(student: BertClassifier) -> BertClassifier:
+    """`student` as the exported classifier: without its MLM head (a copy) when it has one."""
+    if student.mlm is None:
+        return student
+    export = BertClassifier(student.config, student.num_labels, rngs=nnx.Rngs(0))
+    nnx.update(export.bert, nnx.state(student.bert, nnx.Param))
+    nnx.update(export.classifier, nnx.state(student.classifier, nnx.Param))
+    return export
+
+
 def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inputs, mesh,
            log, train_seconds: float, stage_results: dict, measure_throughput: bool,
            extra: dict | None = None) -> dict:
@@ -521,14 +541,10 @@ def finish(config, workdir: pathlib.Path, student: BertClassifier, teachers, inp
     result.update(extra or {})
     if inputs.holdout is not None and len(inputs.holdout):
         result["holdout_examples"] = len(inputs.holdout)
-    export = student
-    if student.mlm is not None:
-        # The exported classifier carries no MLM head: save a copy without it.
-        export = BertClassifier(student.config, student.num_labels, rngs=nnx.Rngs(0))
-        nnx.update(export.bert, nnx.state(student.bert, nnx.Param))
-        nnx.update(export.classifier, nnx.state(student.classifier, nnx.Param))
-    hf.save_pretrained(export, workdir / "model", label_names=inputs.task.label_names,
+    export = classifier_only(student)
+    hf.save_pretrained(export, workdir / "model", label_names=inputs.class_names,
                        tokenizer=inputs.tokenizer,
                        extra={"kdjax_config": config_lib.to_dict(config), "dev": result})
+    result.update(train.check_saved_model(config, export, workdir / "model", inputs.task))
     write_result(workdir, log, result)
     return result

@@ -100,24 +100,29 @@ def teacher_finetune_config(config: ml_collections.ConfigDict,
     ft.train.checkpoint_every = config.train.checkpoint_every
     ft.train.holdout_every = config.train.get("holdout_every", 0)
     ft.train.patience = config.teacher.get("patience", 0)
+    ft.train.check_export = config.train.get("check_export", False)
     return ft
 
 
-def _is_task_model(name: str, label_names: list[str]) -> bool:
-    """True when `name` is a classifier already fine-tuned for a task with these labels."""
+def _is_task_model(name: str, label_names: list[str], class_names: list[str]) -> bool:
+    """True when `name` is a classifier already fine-tuned for a task with these labels: its
+    id2label holds the class names, or (saved before kdjax named classes) the label values."""
     try:
         directory = hf.resolve_checkpoint(name)
     except hf.CheckpointError:
         return False
-    return hf.label_names_of(directory) == label_names
+    return hf.label_names_of(directory) in (label_names, class_names)
 
 
 def prepare_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                     label_names: list[str], *, progress: bool = True) -> list[pathlib.Path]:
+                     label_names: list[str], class_names: list[str] | None = None, *,
+                     progress: bool = True) -> list[pathlib.Path]:
     """The fine-tuned teacher directories: teacher.name itself when it is already a classifier
     for this task, else one fine-tuning run per seed in WORKDIR/teacher-seedN (reused when
-    finished); then teacher.extra."""
-    if _is_task_model(config.teacher.name, label_names):
+    finished); then teacher.extra. `class_names` (`data.class_names`) are the names such a
+    classifier's id2label may give the labels; default: the labels themselves."""
+    class_names = class_names or label_names
+    if _is_task_model(config.teacher.name, label_names, class_names):
         dirs = [hf.resolve_checkpoint(config.teacher.name)]
     else:
         dirs = []
@@ -141,7 +146,7 @@ def prepare_teachers(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     first_vocabulary = None
     for extra in config.teacher.extra:
         directory = hf.resolve_checkpoint(extra)
-        if hf.label_names_of(directory) != label_names:
+        if hf.label_names_of(directory) not in (label_names, class_names):
             raise DistillError(f"teacher.extra {extra} is not fine-tuned for this task's labels "
                                f"{label_names}")
         # The data are tokenised once, with the first teacher's tokenizer, and every teacher

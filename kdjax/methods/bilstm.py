@@ -298,7 +298,7 @@ class BiLSTMRun(StudentRun):
             extra["teacher_labelling_seconds"] = _labelling_info(cache)["seconds"]
             self.batcher = teacher_cache.CachedTeacherBatcher(self.batcher, cache)
         self.student = build_student(config, teachers[0], inputs.task.num_labels,
-                                     inputs.tokenizer, inputs.task.label_names,
+                                     inputs.tokenizer, inputs.class_names,
                                      pair=inputs.task.is_pair)
 
     def stage_names(self) -> tuple[str, ...]:

@@ -407,7 +407,7 @@ class NewsBertRun(StudentRun):
     def finish(self) -> dict:
         run, pair, inputs = self.run, self.pair, self.inputs
         hf.save_pretrained(pair.teacher, run.workdir / "teacher_model",
-                           label_names=inputs.task.label_names, tokenizer=inputs.tokenizer,
+                           label_names=inputs.class_names, tokenizer=inputs.tokenizer,
                            extra={"kdjax_config": run.config.to_dict(),
                                   "role": "newsbert teacher, trained jointly with model/"})
         return engine_run.finish(run.config, run.workdir, pair.student, [pair.teacher], inputs,

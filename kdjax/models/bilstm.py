@@ -225,6 +225,8 @@ def save_bilstm(model: BiLSTMClassifier, directory: str | os.PathLike, *, tokeni
         tokenizer.save_pretrained(str(tmp))
     if extra is not None:
         (tmp / "kdjax.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+    from kdjax.hf import give_default_modes  # Not mkdtemp's 0700 nor safetensors' 0600.
+    give_default_modes(tmp, tmp / CONFIG_FILE)
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
