@@ -1,7 +1,9 @@
 """The `kdjax` command: thin argument parsing over the Python API.
 
   kdjax fine-tune --config configs/finetune.py[:quick] [--config.KEY=VALUE ...] --workdir DIR
+                  [--overwrite]
   kdjax distill   --config configs/RECIPE.py[:SETTING] [--config.KEY=VALUE ...] --workdir DIR
+                  [--overwrite]
   kdjax eval      --model DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
   kdjax export    --workdir DIR [--step N] [--out DIR]
   kdjax bench     [--quick] [--json PATH] [--preset minilm|bert-base] [--dtype float32|bfloat16]
@@ -20,6 +22,9 @@ import sys
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune.py")
 
+_OVERWRITE_HELP = ("start over when the workdir holds a run of another config: move the old run "
+                   "aside to WORKDIR.old-TIMESTAMP (it is never deleted)")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdjax", description=__doc__,
@@ -32,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="run directory: checkpoints, metrics, exported model; "
                                 "an existing run there is resumed")
     fine_tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fine_tune.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
     distill = commands.add_parser(
         "distill", help="fine-tuned teacher -> student -> distillation -> evaluation -> saved "
@@ -42,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="run directory: teacher run(s), stage checkpoints, metrics, the "
                               "student in WORKDIR/model; an existing run there is resumed")
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distill.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved model on a task's dev split")
     evaluate.add_argument("--model", required=True,
@@ -120,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fine-tune":
             config = load_config()
-            result = train.fine_tune(config, args.workdir, progress=not args.no_progress)
+            result = train.fine_tune(config, args.workdir, progress=not args.no_progress,
+                                     overwrite=args.overwrite)
             report({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")})
         elif args.command == "distill":
             from kdjax import distill
             config = load_config()
-            result = distill.distill(config, args.workdir, progress=not args.no_progress)
+            result = distill.distill(config, args.workdir, progress=not args.no_progress,
+                                     overwrite=args.overwrite)
             report({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")})
         elif args.command == "eval":
             config = load_config()

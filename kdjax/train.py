@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import checkpoint, data, distributed, hf, optim, sharding
-from kdjax import config as config_lib, metrics as metrics_lib
+from kdjax import config as config_lib, metrics as metrics_lib, workdir as workdir_lib
 from kdjax.models.bert import BertClassifier
 
 
@@ -529,7 +529,10 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     # Selection state: the best held-out evaluation so far and evaluations since it.
     best = {"step": None, "metrics": None, "since": 0, "stopped_early": False}
     if ckpt.latest_step() is not None:
-        arrays, meta = ckpt.restore(state.arrays())
+        # A damaged latest checkpoint falls back to the one before it (hence two are kept).
+        arrays, meta, damaged = ckpt.restore_latest_good(state.arrays())
+        for note in damaged:
+            print(f"{note}; resuming from step {meta['step']}", flush=True)
         if meta["dropout_key"] != dropout_key_data or meta["total_steps"] != total_steps:
             ckpt.close()
             raise ValueError(f"{ckpt.directory} holds a run with another seed or length "
@@ -641,10 +644,10 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
 
 def start_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
               ) -> tuple[pathlib.Path, Mesh]:
-    """Validates the config, creates `workdir`, builds the mesh and checks batch sizes on it."""
+    """Validates the config, builds the mesh and checks batch sizes on it (touching no file:
+    `workdir.claim` creates and holds the workdir)."""
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.train.num_devices)
     sharding.check_batch_size(config.data.batch_size, mesh)
     sharding.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
@@ -654,18 +657,30 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
 
 def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-              progress: bool = True) -> dict:
+              progress: bool = True, overwrite: bool = False) -> dict:
     """Fine-tunes `config.model.name` on `config.data`'s task; resumes from `workdir` if a
     checkpoint is there.
 
     Writes to `workdir`: config.json (resolved config), metrics.jsonl, checkpoints/ (Orbax),
     model/ (a Hugging Face directory with tokenizer and label map), eval.json.
 
+    Args:
+      overwrite: move a run of another config found in `workdir` aside (`workdir.claim`)
+        instead of refusing.
+
     Returns:
       The final dev metrics plus timing: train_seconds, train_examples_per_s, steps.
+
+    Raises:
+      workdir.WorkdirError: another process holds `workdir`, or it holds another run.
     """
     workdir, mesh = start_run(config, workdir)
+    with workdir_lib.claim(workdir, config, "fine-tune", overwrite=overwrite):
+        return _fine_tune(config, workdir, mesh, progress)
 
+
+def _fine_tune(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh,
+               progress: bool) -> dict:
     inputs = prepare_task(config)
     model, report, _ = hf.load_pretrained(str(inputs.checkpoint_dir),
                                           num_labels=inputs.task.num_labels,
