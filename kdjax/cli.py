@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import signal
 import sys
+import threading
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune.py")
 
@@ -96,10 +98,30 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in argv if not a.startswith("--config.")], overrides
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which saves first): stop as Ctrl-C does."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return _main(args, overrides)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return _main(args, overrides)
+
+
+def _main(args: argparse.Namespace, overrides: list[str]) -> int:
 
     # Imported after parsing so `kdjax --help` is instant.
     from kdjax import distributed
@@ -155,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             train.TrainingDiverged, ValueError) as e:
         print(f"kdjax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: in training, after saving a checkpoint (train.TrainingInterrupted
+        # says which); elsewhere nothing half-written is left (files are renamed into place).
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = str(e) or (f"interrupted by {signal.Signals(signum).name}; run the same command "
+                          "again to resume")
+        print(f"kdjax {args.command}: {what}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -14,6 +14,8 @@ import functools
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -33,6 +35,45 @@ from kdjax.models.bert import BertClassifier
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved (a KeyboardInterrupt, so
+    that `except Exception` does not swallow it).
+
+    Attributes:
+      signum: the signal.
+      step: the step saved.
+    """
+
+    def __init__(self, message: str, signum: int, step: int | None = None):
+        super().__init__(message)
+        self.signum, self.step = signum, step
+
+
+class _StopSignals:
+    """While active (in the main thread), SIGINT and SIGTERM only set `signum`: the training loop
+    then stops after the current step and saves, instead of dying mid-step or mid-save."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this "
+                  "step, then stopping", flush=True)
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 @flax.struct.dataclass
@@ -544,6 +585,8 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
         if start_step < total_steps and not best["stopped_early"]:
             print(f"resumed from {ckpt.directory} at step {start_step} "
                   f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", flush=True)
+    # Records a killed run wrote past its last checkpoint are written again from there.
+    log.discard_after(description, start_step)
     best_ckpt = (checkpoint.Checkpointer(checkpoint_dir.parent / "best", keep=1)
                  if selection is not None else None)
 
@@ -581,8 +624,25 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     if train_config.stop_after_steps:
         stop_at = min(total_steps, start_step + train_config.stop_after_steps)
     every = selection.interval(total_steps) if selection is not None else 0
+    def log_interval(step: int) -> None:
+        # Flushing checks every pending step for NaN, so no bad state is ever saved.
+        summary = interval.flush()
+        if summary is None:
+            return
+        if lr_at is not None:
+            summary["lr"] = float(lr_at(step))
+        summary["epoch"] = step / batcher.num_batches
+        log.write(step, description, summary)
+        bar.set_postfix(loss=f"{summary['loss']:.4f}", ex_s=f"{summary['examples_per_s']:.0f}")
+
+    # SIGINT/SIGTERM from here to the last save only set stop_signals.signum: the loop stops
+    # between steps and the state is saved whole.
+    stop_signals = _StopSignals().__enter__()
     try:
         for batch in _batches_from(batcher, start_step):
+            if stop_signals.signum:
+                log_interval(step)  # The steps since the last record, checked before saving.
+                break
             if step >= stop_at or best["stopped_early"]:
                 break
             state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
@@ -592,21 +652,17 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
             is_save = (train_config.checkpoint_every
                        and step % train_config.checkpoint_every == 0)
             if step % train_config.log_every == 0 or is_save or step == stop_at:
-                # Flushing checks every pending step for NaN, so no bad state is ever saved.
-                summary = interval.flush()
-                if lr_at is not None:
-                    summary["lr"] = float(lr_at(step))
-                summary["epoch"] = step / batcher.num_batches
-                log.write(step, description, summary)
-                bar.set_postfix(loss=f"{summary['loss']:.4f}",
-                                ex_s=f"{summary['examples_per_s']:.0f}")
+                log_interval(step)
             if every and (step % every == 0 or step == total_steps):
                 evaluate_holdout(step)
                 # An early stop is saved at once, so a rerun does not train on.
                 is_save = is_save or best["stopped_early"]
             if is_save:
                 save(step)
-    except TrainingDiverged as e:
+    except BaseException as e:
+        stop_signals.__exit__()
+        if not isinstance(e, TrainingDiverged):
+            raise
         bar.close()
         ckpt.wait()
         last = ckpt.latest_step()
@@ -621,7 +677,17 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     bar.close()
     if ckpt.latest_step() != step:
         save(step)
+    # Waits for every asynchronous save, so a signal leaves complete checkpoints only.
     ckpt.close()
+    stop_signals.__exit__()
+    if stop_signals.signum:
+        if best_ckpt is not None:
+            best_ckpt.close()
+        name = signal.Signals(stop_signals.signum).name
+        raise TrainingInterrupted(
+            f"interrupted by {name} at step {step} of {total_steps} ({description}); saved a "
+            f"checkpoint in {ckpt.directory}; run the same command again to resume",
+            stop_signals.signum, step)
     finished = step >= total_steps or best["stopped_early"]
     if not finished:
         print(f"stopped after step {step} of {total_steps} (train.stop_after_steps); run the "
@@ -720,6 +786,7 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: M
                   **run.selection_record())
     if len(inputs.holdout):
         result["holdout_examples"] = len(inputs.holdout)
+    log.discard_after("dev", -1)  # A rerun of a finished run records its evaluation once.
     log.write(run.steps, "dev", result)
     hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.task.label_names,
                        tokenizer=inputs.tokenizer,

@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 
+from kdjax import metrics as metrics_lib
 from kdjax.metrics import classification_metrics
 
 
@@ -41,3 +44,22 @@ def test_mcc_is_zero_when_one_class_is_predicted():
     assert m["mcc"] == 0.0 and m["accuracy"] == pytest.approx(5 / 7)
     assert classification_metrics(labels, labels, 2)["mcc"] == pytest.approx(1.0)
     assert classification_metrics(1 - labels, labels, 2)["mcc"] == pytest.approx(-1.0)
+
+
+def test_discard_after_keeps_each_step_once_for_a_resumed_stage(tmp_path):
+    log = metrics_lib.MetricLog(tmp_path, enabled=True)
+    for step in (2, 4, 6):
+        log.write(step, "general", {"loss": 1.0})
+    for step in (2, 4, 6):
+        log.write(step, "distill", {"loss": 1.0})
+        log.write(step, "distill/holdout", {"accuracy": 0.5})
+    log.write(6, "warning", {"stage": "distill", "warning": "discriminator_wins"})
+    log.write(6, "warning", {"stage": "general", "warning": "discriminator_wins"})
+    with log.path.open("a") as f:
+        f.write('{"step": 7, "split": "dis')  # A kill in the middle of a line.
+    log.discard_after("distill", 4)
+    kept = [(r["split"], r["step"]) for r in map(json.loads, log.path.read_text().splitlines())]
+    assert kept == [("general", 2), ("general", 4), ("general", 6), ("distill", 2),
+                    ("distill/holdout", 2), ("distill", 4), ("distill/holdout", 4),
+                    ("warning", 6)]
+    assert not log.path.with_name("metrics.jsonl.tmp").exists()

@@ -427,6 +427,7 @@ def evaluate_student(config, student: nnx.Module, teachers, inputs: train.TaskIn
 
 def write_result(workdir: pathlib.Path, log, result: dict) -> None:
     """The final dev line of metrics.jsonl and eval.json."""
+    log.discard_after("dev", -1)  # A rerun of a finished run records its evaluation once.
     log.write(sum(r["steps"] for r in result["stages"].values()), "dev", result)
     distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
 
