@@ -624,6 +624,7 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     if train_config.stop_after_steps:
         stop_at = min(total_steps, start_step + train_config.stop_after_steps)
     every = selection.interval(total_steps) if selection is not None else 0
+
     def log_interval(step: int) -> None:
         # Flushing checks every pending step for NaN, so no bad state is ever saved.
         summary = interval.flush()
@@ -672,14 +673,16 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
         where = (f"the last good checkpoint (step {last}) is in {ckpt.directory}"
                  if last is not None else "no checkpoint had been saved yet")
         raise TrainingDiverged(f"{e}; training stopped, {where}") from None
-    jax.block_until_ready(state)
-    train_seconds = time.perf_counter() - train_start
-    bar.close()
-    if ckpt.latest_step() != step:
-        save(step)
-    # Waits for every asynchronous save, so a signal leaves complete checkpoints only.
-    ckpt.close()
-    stop_signals.__exit__()
+    try:
+        jax.block_until_ready(state)
+        train_seconds = time.perf_counter() - train_start
+        bar.close()
+        if ckpt.latest_step() != step:
+            save(step)
+        # Waits for every asynchronous save, so a signal leaves complete checkpoints only.
+        ckpt.close()
+    finally:
+        stop_signals.__exit__()
     if stop_signals.signum:
         if best_ckpt is not None:
             best_ckpt.close()

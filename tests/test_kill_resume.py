@@ -182,3 +182,24 @@ def test_interrupted_run_resumes_to_the_same_student_as_an_uninterrupted_one(
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     _assert_same_student(_student(workdir), reference["student"])
     _assert_each_step_logged_once(workdir)
+
+
+def test_sigterm_before_training_stops_at_once_and_leaves_no_workdir(tmp_path, tiny_hf_dir,
+                                                                     monkeypatch, capsys):
+    from kdjax import cli, train
+
+    def terminated_while_loading(config):
+        signal.raise_signal(signal.SIGTERM)  # As `kill PID` while the data is read.
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(train, "prepare_task", terminated_while_loading)
+    workdir = tmp_path / "run"
+    code = cli.main(["fine-tune", "--config", "configs/finetune.py", "--workdir", str(workdir),
+                     "--no-progress", f"--config.model.name={tiny_hf_dir}",
+                     "--config.train.num_devices=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 143 and err == ("kdjax fine-tune: interrupted by SIGTERM; run the same "
+                                   "command again to resume"), err
+    assert not workdir.exists()  # Nothing was written, so nothing is left.
+    # The command's handler is gone with the command.
+    assert signal.getsignal(signal.SIGTERM) is not cli._raise_terminated
