@@ -93,12 +93,14 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
 
-    def restore_latest_good(self, target: Any) -> tuple[Any, dict, list[str]]:
+    def restore_latest_good(self, target: Any, *, set_aside: bool = True,
+                            ) -> tuple[Any, dict, list[str]]:
         """Restores the newest checkpoint that can be read, as `restore` does.
 
         A checkpoint that cannot be read (a truncated or damaged file: a disk that filled up, a
-        copy that did not finish) is moved to DIRECTORY/../damaged-checkpoints/ (kept, never
-        deleted), so that later saves can reuse its step; then the one before it is tried.
+        copy that did not finish) is skipped for the one before it; with `set_aside` (a run
+        that will save again) it is moved to DIRECTORY/../damaged-checkpoints/ (kept, never
+        deleted), so that later saves can reuse its step.
 
         Returns:
           (state, meta, one line per damaged checkpoint set aside).
@@ -119,6 +121,9 @@ class Checkpointer:
                 _quiet_late_read_callbacks()
                 failures.append((step, e))
                 continue
+            if not set_aside:
+                return state, meta, [f"checkpoint step {bad} in {self.directory} cannot be read "
+                                     f"({_first_line(error)})" for bad, error in failures]
             notes = [self._set_aside(bad, error) for bad, error in failures]
             if failures:
                 self._manager.reload()  # Forget the steps moved away.

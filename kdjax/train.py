@@ -827,5 +827,11 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None,
     abstract = jax.eval_shape(lambda: TrainState.create(
         BertClassifier(bert_config, len(label_names), rngs=nnx.Rngs(0)), tx))
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        arrays, meta = ckpt.restore(abstract.arrays(), step)
+        if step is None:
+            # Reading changes nothing on disk: a damaged latest checkpoint is only skipped.
+            arrays, meta, damaged = ckpt.restore_latest_good(abstract.arrays(), set_aside=False)
+            for note in damaged:
+                print(f"{note}; using step {meta['step']}", flush=True)
+        else:
+            arrays, meta = ckpt.restore(abstract.arrays(), step)
     return abstract.with_arrays(arrays).model(), label_names, config, int(meta["step"])

@@ -150,6 +150,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(toy_config, tm
     checkpoints = tmp_path / "resumed" / "checkpoints"
     damage_checkpoint(checkpoints / "4")
     capsys.readouterr()
+    # Reading (kdjax export) skips it and moves nothing.
+    assert train.load_run(tmp_path / "resumed")[3] == 2
+    assert f"checkpoint step 4 in {checkpoints} cannot be read" in capsys.readouterr().out
+    assert (checkpoints / "4").is_dir()
     config_lib.apply_overrides(toy_config, ["train.stop_after_steps=0"])
     resumed = train.fine_tune(toy_config, tmp_path / "resumed", progress=False)
     out = capsys.readouterr()
