@@ -61,18 +61,21 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def differing_keys(recorded: dict, config: ml_collections.ConfigDict) -> list[str]:
     """The dotted keys whose values differ between a recorded config.json and `config`,
-    harmless keys left out."""
+    harmless keys left out.
+
+    Only keys both hold are compared: a key one lacks was added or removed by another kdjax
+    version (another recipe shows in `method`, `stages` and the loss weights, which both hold).
+    """
     # Through JSON, so that tuples and lists (and int/float spellings) compare as recorded.
     current = _flatten(json.loads(json.dumps(config_lib.to_dict(config))))
     recorded = _flatten(recorded)
-    keys = sorted(set(current) | set(recorded))
-    return [k for k in keys if k not in HARMLESS_KEYS
-            and recorded.get(k, "<absent>") != current.get(k, "<absent>")]
+    return [k for k in sorted(set(current) & set(recorded))
+            if k not in HARMLESS_KEYS and recorded[k] != current[k]]
 
 
 def _describe(key: str, recorded: dict, config: ml_collections.ConfigDict) -> str:
-    old = _flatten(recorded).get(key, "<absent>")
-    new = _flatten(json.loads(json.dumps(config_lib.to_dict(config)))).get(key, "<absent>")
+    old = _flatten(recorded)[key]
+    new = _flatten(json.loads(json.dumps(config_lib.to_dict(config))))[key]
     return f"{key} {old!r} -> {new!r}"
 
 

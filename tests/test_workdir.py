@@ -4,7 +4,6 @@ refusal, no empty workdir left by a failed start."""
 import hashlib
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -154,3 +153,15 @@ def test_differing_keys_skip_harmless_ones():
     config_lib.apply_overrides(config, ["train.log_every=7", "train.checkpoint_every=3",
                                         "train.stop_after_steps=5", "optim.weight_decay=0.5"])
     assert workdir_lib.differing_keys(recorded, config) == ["optim.weight_decay"]
+    # A key one side lacks (another kdjax version) is not compared.
+    del recorded["train"]["grad_accum_steps"]
+    recorded["train"]["retired_key"] = 1
+    assert workdir_lib.differing_keys(recorded, config) == ["optim.weight_decay"]
+
+
+def test_another_recipe_is_named_by_its_method_and_stages():
+    from kdjax import config as config_lib
+    kd = config_lib.load_config(str(REPO_ROOT / "configs" / "kd.py"))
+    tinybert = config_lib.load_config(str(REPO_ROOT / "configs" / "tinybert.py"))
+    differ = workdir_lib.differing_keys(config_lib.to_dict(tinybert), kd)
+    assert "stages" in differ, differ
