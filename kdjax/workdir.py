@@ -184,6 +184,7 @@ def claim(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, kind: 
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     moved_to = None
+    lock_was_there = not lock.created
     found = _entries(workdir)
     try:
         problem = check_compatible(workdir, config, kind)
@@ -216,6 +217,8 @@ def claim(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, kind: 
         if unchanged:
             if moved_to is not None:
                 workdir.rmdir()
+                if not lock_was_there:  # The old run goes back exactly as it was.
+                    (moved_to / LOCK_FILE).unlink(missing_ok=True)
                 moved_to.rename(workdir)
                 print(f"moved the old run back from {moved_to} to {workdir}", flush=True)
             elif not existed:

@@ -119,6 +119,7 @@ def test_overwrite_moves_the_old_run_aside(finished_run, tmp_path, tiny_hf_dir, 
 
 def test_overwrite_with_a_bad_data_file_moves_the_old_run_back(finished_run, tmp_path,
                                                                tiny_hf_dir, capsys):
+    (finished_run / workdir_lib.LOCK_FILE).unlink()  # As a run of an older kdjax left it.
     before = tree_fingerprint(finished_run)
     code = cli.main(_fine_tune_args(tmp_path, tiny_hf_dir, finished_run, "--overwrite",
                                     "--config.data.train_file=/no/such.tsv"))
