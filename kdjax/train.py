@@ -60,9 +60,15 @@ class _StopSignals:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this "
-                  "step, then stopping", flush=True)
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            # A second signal while stopping: the user does not want to wait for the save.
+            self.__exit__()
+            raise TrainingInterrupted(
+                f"interrupted again by {name} before the checkpoint was saved; the last "
+                "complete checkpoint is kept; run the same command again to resume", signum)
+        print(f"\nreceived {name}: saving a checkpoint after this step, then stopping (send it "
+              "again to stop at once)", flush=True)
         self.signum = signum
 
     def __enter__(self):
@@ -74,6 +80,7 @@ class _StopSignals:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        self._previous = {}
 
 
 @flax.struct.dataclass

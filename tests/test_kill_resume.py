@@ -203,3 +203,19 @@ def test_sigterm_before_training_stops_at_once_and_leaves_no_workdir(tmp_path, t
     assert not workdir.exists()  # Nothing was written, so nothing is left.
     # The command's handler is gone with the command.
     assert signal.getsignal(signal.SIGTERM) is not cli._raise_terminated
+
+
+def test_a_second_signal_while_stopping_stops_at_once(capsys):
+    from kdjax import train
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = train._StopSignals().__enter__()
+    signal.raise_signal(signal.SIGINT)  # The first only asks the loop to save and stop.
+    assert stop.signum == signal.SIGINT
+    assert "received SIGINT: saving a checkpoint after this step" in capsys.readouterr().out
+    with pytest.raises(train.TrainingInterrupted, match="interrupted again by SIGINT before "
+                       "the checkpoint was saved; the last complete checkpoint is kept"):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # Handlers restored.
+    stop.__exit__()  # Idempotent, as the loop's `finally` calls it again.
+    assert signal.getsignal(signal.SIGINT) is before
