@@ -166,3 +166,11 @@ def test_another_recipe_is_named_by_its_method_and_stages():
     tinybert = config_lib.load_config(str(REPO_ROOT / "configs" / "tinybert.py"))
     differ = workdir_lib.differing_keys(config_lib.to_dict(tinybert), kd)
     assert "stages" in differ, differ
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path, tiny_hf_dir, capsys):
+    path = tmp_path / "run"
+    path.write_text("not a directory")
+    code = cli.main(_fine_tune_args(tmp_path, tiny_hf_dir, path))
+    assert code == 2 and "is a file, not a directory" in _one_error_line(capsys)
+    assert path.read_text() == "not a directory"
