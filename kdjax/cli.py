@@ -1,7 +1,9 @@
 """The `kdjax` command: thin argument parsing over the Python API.
 
   kdjax fine-tune --config configs/finetune.py[:quick] [--config.KEY=VALUE ...] --workdir DIR
+                  [--overwrite]
   kdjax distill   --config configs/RECIPE.py[:SETTING] [--config.KEY=VALUE ...] --workdir DIR
+                  [--overwrite]
   kdjax eval      --model DIR [--config configs/finetune.py] [--config.KEY=VALUE ...]
   kdjax export    (--workdir DIR [--step N] | --model DIR) [--format hf|stablehlo] [--out DIR]
   kdjax bench     [--quick] [--json PATH] [--preset minilm|bert-base] [--dtype float32|bfloat16]
@@ -17,9 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import signal
 import sys
+import threading
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune.py")
+
+_OVERWRITE_HELP = ("start over when the workdir holds a run of another config: move the old run "
+                   "aside to WORKDIR.old-TIMESTAMP (it is never deleted)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="run directory: checkpoints, metrics, exported model; "
                                 "an existing run there is resumed")
     fine_tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fine_tune.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
     distill = commands.add_parser(
         "distill", help="fine-tuned teacher -> student -> distillation -> evaluation -> saved "
@@ -43,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="run directory: teacher run(s), stage checkpoints, metrics, the "
                               "student in WORKDIR/model; an existing run there is resumed")
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distill.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved model on a task's dev split")
     evaluate.add_argument("--model", required=True,
@@ -112,10 +121,30 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in argv if not a.startswith("--config.")], overrides
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which saves first): stop as Ctrl-C does."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return _main(args, overrides)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return _main(args, overrides)
+
+
+def _main(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.command == "report":
         # Reads files only: no device, no multi-process setup.
@@ -156,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fine-tune":
             config = load_config()
-            result = train.fine_tune(config, args.workdir, progress=not args.no_progress)
+            result = train.fine_tune(config, args.workdir, progress=not args.no_progress,
+                                     overwrite=args.overwrite)
             report({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")})
         elif args.command == "distill":
             from kdjax import distill
             config = load_config()
-            result = distill.distill(config, args.workdir, progress=not args.no_progress)
+            result = distill.distill(config, args.workdir, progress=not args.no_progress,
+                                     overwrite=args.overwrite)
             report({"dev": result, "model": str(pathlib.Path(args.workdir) / "model")})
         elif args.command == "eval":
             config = load_config()
@@ -182,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"kdjax {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: in training, after saving a checkpoint (train.TrainingInterrupted
+        # says which); elsewhere nothing half-written is left (files are renamed into place).
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = str(e) or (f"interrupted by {signal.Signals(signum).name}; run the same command "
+                          "again to resume")
+        print(f"kdjax {args.command}: {what}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

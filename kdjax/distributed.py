@@ -125,7 +125,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Writes a run file (config.json, eval.json, ...) on process 0 only. Other processes return
     at once; call `barrier` after it when they read the file next."""
     if is_main_process():
-        pathlib.Path(path).write_text(text)
+        # Beside the destination, then renamed over it: a kill leaves the old file or the new.
+        path = pathlib.Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        os.replace(partial, path)
 
 
 def host_arrays(tree: Any) -> Any:

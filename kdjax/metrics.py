@@ -4,6 +4,7 @@ teacher (agreement, KL, calibration, representation similarity), and the run's m
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 
@@ -213,3 +214,31 @@ class MetricLog:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
             self._tb.flush()
+
+    def discard_after(self, stage: str, step: int) -> None:
+        """Removes the records of `stage` (its own split, `stage/...` splits and its warnings)
+        past `step`, and a line cut short by a kill, so that a resumed run logs each step once.
+
+        The file is rewritten beside itself and renamed over, so a kill leaves the old or the
+        new one, never a mix.
+        """
+        if not self.enabled or not self.path.is_file():
+            return
+        kept, changed = [], False
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # Only a kill mid-write leaves a broken line.
+                changed = True
+                continue
+            split = record.get("split", "")
+            of_stage = (split == stage or split.startswith(f"{stage}/")
+                        or (split == "warning" and record.get("stage") == stage))
+            if of_stage and record.get("step", 0) > step:
+                changed = True
+                continue
+            kept.append(line)
+        if changed:
+            partial = self.path.with_name(self.path.name + ".tmp")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, self.path)

@@ -142,7 +142,8 @@ def _train_section() -> ml_collections.ConfigDict:
     train.seed = 0
     train.log_every = 50
     train.checkpoint_every = 500
-    train.keep_checkpoints = 1
+    # Two, so that a damaged latest checkpoint falls back to the one before it.
+    train.keep_checkpoints = 2
     # Held-out evaluations (data.holdout_fraction > 0) of the last stage; 0 = 10 per stage.
     train.holdout_every = 0
     train.patience = 0  # Held-out evaluations without improvement before stopping; 0 = never.

@@ -14,6 +14,8 @@ import functools
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -27,12 +29,58 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import checkpoint, data, distributed, hf, optim, sharding
-from kdjax import config as config_lib, metrics as metrics_lib
+from kdjax import config as config_lib, metrics as metrics_lib, workdir as workdir_lib
 from kdjax.models.bert import BertClassifier
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved (a KeyboardInterrupt, so
+    that `except Exception` does not swallow it).
+
+    Attributes:
+      signum: the signal.
+      step: the step saved.
+    """
+
+    def __init__(self, message: str, signum: int, step: int | None = None):
+        super().__init__(message)
+        self.signum, self.step = signum, step
+
+
+class _StopSignals:
+    """While active (in the main thread), SIGINT and SIGTERM only set `signum`: the training loop
+    then stops after the current step and saves, instead of dying mid-step or mid-save."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            # A second signal while stopping: the user does not want to wait for the save.
+            self.__exit__()
+            raise TrainingInterrupted(
+                f"interrupted again by {name} before the checkpoint was saved; the last "
+                "complete checkpoint is kept; run the same command again to resume", signum)
+        print(f"\nreceived {name}: saving a checkpoint after this step, then stopping (send it "
+              "again to stop at once)", flush=True)
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 @flax.struct.dataclass
@@ -591,7 +639,10 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     # Selection state: the best held-out evaluation so far and evaluations since it.
     best = {"step": None, "metrics": None, "since": 0, "stopped_early": False}
     if ckpt.latest_step() is not None:
-        arrays, meta = ckpt.restore(state.arrays())
+        # A damaged latest checkpoint falls back to the one before it (hence two are kept).
+        arrays, meta, damaged = ckpt.restore_latest_good(state.arrays())
+        for note in damaged:
+            print(f"{note}; resuming from step {meta['step']}", flush=True)
         if meta["dropout_key"] != dropout_key_data or meta["total_steps"] != total_steps:
             ckpt.close()
             raise ValueError(f"{ckpt.directory} holds a run with another seed or length "
@@ -603,6 +654,8 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
         if start_step < total_steps and not best["stopped_early"]:
             print(f"resumed from {ckpt.directory} at step {start_step} "
                   f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", flush=True)
+    # Records a killed run wrote past its last checkpoint are written again from there.
+    log.discard_after(description, start_step)
     best_ckpt = (checkpoint.Checkpointer(checkpoint_dir.parent / "best", keep=1)
                  if selection is not None else None)
     if best_ckpt is not None:
@@ -647,8 +700,26 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
     if train_config.stop_after_steps:
         stop_at = min(total_steps, start_step + train_config.stop_after_steps)
     every = selection.interval(total_steps) if selection is not None else 0
+
+    def log_interval(step: int) -> None:
+        # Flushing checks every pending step for NaN, so no bad state is ever saved.
+        summary = interval.flush()
+        if summary is None:
+            return
+        if lr_at is not None:
+            summary["lr"] = float(lr_at(step))
+        summary["epoch"] = step / batcher.num_batches
+        log.write(step, description, summary)
+        bar.set_postfix(loss=f"{summary['loss']:.4f}", ex_s=f"{summary['examples_per_s']:.0f}")
+
+    # SIGINT/SIGTERM from here to the last save only set stop_signals.signum: the loop stops
+    # between steps and the state is saved whole.
+    stop_signals = _StopSignals().__enter__()
     try:
         for batch in _batches_from(batcher, start_step):
+            if stop_signals.signum:
+                log_interval(step)  # The steps since the last record, checked before saving.
+                break
             if step >= stop_at or best["stopped_early"]:
                 break
             state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh), dropout_key)
@@ -658,21 +729,17 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
             is_save = (train_config.checkpoint_every
                        and step % train_config.checkpoint_every == 0)
             if step % train_config.log_every == 0 or is_save or step == stop_at:
-                # Flushing checks every pending step for NaN, so no bad state is ever saved.
-                summary = interval.flush()
-                if lr_at is not None:
-                    summary["lr"] = float(lr_at(step))
-                summary["epoch"] = step / batcher.num_batches
-                log.write(step, description, summary)
-                bar.set_postfix(loss=f"{summary['loss']:.4f}",
-                                ex_s=f"{summary['examples_per_s']:.0f}")
+                log_interval(step)
             if every and (step % every == 0 or step == total_steps):
                 evaluate_holdout(step)
                 # An early stop is saved at once, so a rerun does not train on.
                 is_save = is_save or best["stopped_early"]
             if is_save:
                 save(step)
-    except TrainingDiverged as e:
+    except BaseException as e:
+        stop_signals.__exit__()
+        if not isinstance(e, TrainingDiverged):
+            raise
         bar.close()
         ckpt.wait()
         last = ckpt.latest_step()
@@ -682,12 +749,24 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
         where = (f"the last good checkpoint (step {last}) is in {ckpt.directory}"
                  if last is not None else "no checkpoint had been saved yet")
         raise TrainingDiverged(f"{e}; training stopped, {where}") from None
-    jax.block_until_ready(state)
-    train_seconds = time.perf_counter() - train_start
-    bar.close()
-    if ckpt.latest_step() != step:
-        save(step)
-    ckpt.close()
+    try:
+        jax.block_until_ready(state)
+        train_seconds = time.perf_counter() - train_start
+        bar.close()
+        if ckpt.latest_step() != step:
+            save(step)
+        # Waits for every asynchronous save, so a signal leaves complete checkpoints only.
+        ckpt.close()
+    finally:
+        stop_signals.__exit__()
+    if stop_signals.signum:
+        if best_ckpt is not None:
+            best_ckpt.close()
+        name = signal.Signals(stop_signals.signum).name
+        raise TrainingInterrupted(
+            f"interrupted by {name} at step {step} of {total_steps} ({description}); saved a "
+            f"checkpoint in {ckpt.directory}; run the same command again to resume",
+            stop_signals.signum, step)
     finished = step >= total_steps or best["stopped_early"]
     if not finished:
         print(f"stopped after step {step} of {total_steps} (train.stop_after_steps); run the "
@@ -710,10 +789,10 @@ def train_loop(state: Any, step_fn: Callable, batcher: data.Batcher, *, total_st
 
 def start_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
               ) -> tuple[pathlib.Path, Mesh]:
-    """Validates the config, creates `workdir`, builds the mesh and checks batch sizes on it."""
+    """Validates the config, builds the mesh and checks batch sizes on it (touching no file:
+    `workdir.claim` creates and holds the workdir)."""
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.train.num_devices)
     sharding.check_batch_size(config.data.batch_size, mesh)
     sharding.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
@@ -723,18 +802,30 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
 
 def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-              progress: bool = True) -> dict:
+              progress: bool = True, overwrite: bool = False) -> dict:
     """Fine-tunes `config.model.name` on `config.data`'s task; resumes from `workdir` if a
     checkpoint is there.
 
     Writes to `workdir`: config.json (resolved config), metrics.jsonl, checkpoints/ (Orbax),
     model/ (a Hugging Face directory with tokenizer and label map), eval.json.
 
+    Args:
+      overwrite: move a run of another config found in `workdir` aside (`workdir.claim`)
+        instead of refusing.
+
     Returns:
       The final dev metrics plus timing: train_seconds, train_examples_per_s, steps.
+
+    Raises:
+      workdir.WorkdirError: another process holds `workdir`, or it holds another run.
     """
     workdir, mesh = start_run(config, workdir)
+    with workdir_lib.claim(workdir, config, "fine-tune", overwrite=overwrite):
+        return _fine_tune(config, workdir, mesh, progress)
 
+
+def _fine_tune(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: Mesh,
+               progress: bool) -> dict:
     inputs = prepare_task(config)
     model, report, _ = hf.load_pretrained(str(inputs.checkpoint_dir),
                                           num_labels=inputs.task.num_labels,
@@ -781,6 +872,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                   **run.selection_record())
     if len(inputs.holdout):
         result["holdout_examples"] = len(inputs.holdout)
+    log.discard_after("dev", -1)  # A rerun of a finished run records its evaluation once.
     log.write(run.steps, "dev", result)
     hf.save_pretrained(state.model(), workdir / "model", label_names=inputs.class_names,
                        tokenizer=inputs.tokenizer,
@@ -877,5 +969,11 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None,
     abstract = jax.eval_shape(lambda: TrainState.create(
         BertClassifier(bert_config, len(label_names), rngs=nnx.Rngs(0)), tx))
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        arrays, meta = ckpt.restore(abstract.arrays(), step)
+        if step is None:
+            # Reading changes nothing on disk: a damaged latest checkpoint is only skipped.
+            arrays, meta, damaged = ckpt.restore_latest_good(abstract.arrays(), set_aside=False)
+            for note in damaged:
+                print(f"{note}; using step {meta['step']}", flush=True)
+        else:
+            arrays, meta = ckpt.restore(abstract.arrays(), step)
     return abstract.with_arrays(arrays).model(), label_names, config, int(meta["step"])

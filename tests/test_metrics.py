@@ -1,8 +1,10 @@
 import math
+import json
 
 import numpy as np
 import pytest
 
+from kdjax import metrics as metrics_lib
 from kdjax.metrics import classification_metrics
 
 
@@ -152,3 +154,20 @@ def test_linear_cka_is_undefined_for_a_constant_representation():
     constant = np.tile(rng.normal(size=(1, 6)), (20, 1)).astype(np.float32)
     assert math.isnan(metrics.linear_cka(constant, rng.normal(size=(20, 4))))
     assert math.isnan(metrics.linear_cka(rng.normal(size=(20, 4)), constant))
+def test_discard_after_keeps_each_step_once_for_a_resumed_stage(tmp_path):
+    log = metrics_lib.MetricLog(tmp_path, enabled=True)
+    for step in (2, 4, 6):
+        log.write(step, "general", {"loss": 1.0})
+    for step in (2, 4, 6):
+        log.write(step, "distill", {"loss": 1.0})
+        log.write(step, "distill/holdout", {"accuracy": 0.5})
+    log.write(6, "warning", {"stage": "distill", "warning": "discriminator_wins"})
+    log.write(6, "warning", {"stage": "general", "warning": "discriminator_wins"})
+    with log.path.open("a") as f:
+        f.write('{"step": 7, "split": "dis')  # A kill in the middle of a line.
+    log.discard_after("distill", 4)
+    kept = [(r["split"], r["step"]) for r in map(json.loads, log.path.read_text().splitlines())]
+    assert kept == [("general", 2), ("general", 4), ("general", 6), ("distill", 2),
+                    ("distill/holdout", 2), ("distill", 4), ("distill/holdout", 4),
+                    ("warning", 6)]
+    assert not log.path.with_name("metrics.jsonl.tmp").exists()

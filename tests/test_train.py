@@ -133,6 +133,58 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path):
     chex.assert_trees_all_equal(jax.device_get(arrays["params"]), jax.device_get(state.params))
 
 
+def damage_checkpoint(step_dir):
+    """Truncates every array data file of an Orbax checkpoint to half its size (what a full
+    disk or an unfinished copy leaves), keeping its commit markers."""
+    files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(toy_config, tmp_path, capsys):
+    config_lib.apply_overrides(toy_config, ["train.max_steps=6", "train.checkpoint_every=2"])
+    straight = train.fine_tune(toy_config, tmp_path / "straight", progress=False)
+    config_lib.apply_overrides(toy_config, ["train.stop_after_steps=4"])
+    train.fine_tune(toy_config, tmp_path / "resumed", progress=False)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    damage_checkpoint(checkpoints / "4")
+    capsys.readouterr()
+    # Reading (kdjax export) skips it and moves nothing.
+    assert train.load_run(tmp_path / "resumed")[3] == 2
+    assert f"checkpoint step 4 in {checkpoints} cannot be read" in capsys.readouterr().out
+    assert (checkpoints / "4").is_dir()
+    config_lib.apply_overrides(toy_config, ["train.stop_after_steps=0"])
+    resumed = train.fine_tune(toy_config, tmp_path / "resumed", progress=False)
+    out = capsys.readouterr()
+    (aside,) = (tmp_path / "resumed" / "damaged-checkpoints").iterdir()
+    assert (f"checkpoint step 4 in {checkpoints} cannot be read (ValueError: " in out.out
+            and f"moved it to {aside}; resuming from step 2" in out.out), out.out
+    assert "Traceback" not in out.err, out.err
+    assert resumed["finished"] and resumed["accuracy"] == straight["accuracy"]
+    a, _, _, _ = train.load_run(tmp_path / "straight")
+    b, _, _, _ = train.load_run(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # Bitwise.
+
+
+def test_no_readable_checkpoint_is_one_clear_error_and_moves_nothing(tmp_path):
+    state = _state(sharding.make_mesh(1))
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        for step in (2, 4):
+            ckpt.save(step, state.arrays(), {"step": step})
+            ckpt.wait()
+    for step in (2, 4):
+        damage_checkpoint(tmp_path / "ckpt" / str(step))
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            ckpt.restore_latest_good(state.arrays())
+    message = str(error.value)
+    assert message.startswith(f"no checkpoint in {tmp_path / 'ckpt'} can be read (step 4: ")
+    assert "move" in message and "\n" not in message
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "4"]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(toy_config, tmp_path):
     # An absurd learning rate overflows float32 within a few steps.
     config_lib.apply_overrides(toy_config, ["optim.lr=1e30", "optim.grad_clip=0.0",

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import augment, config as config_lib, data, distributed, hf, optim, sharding
-from kdjax import teacher_cache
+from kdjax import teacher_cache, workdir as workdir_lib
 from kdjax import train
 from kdjax import metrics as metrics_lib
 from kdjax.engine.loss import LossSpec
@@ -206,7 +206,7 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, student_run: type,
         *, methods: Sequence[type[Method]], progress: bool = True, extra_terms: tuple = (),
-        measure_throughput: bool = True) -> dict:
+        measure_throughput: bool = True, overwrite: bool = False) -> dict:
     """The one run of every distillation: `student_run`'s start, each of its stages through the
     one training loop (checkpointed in WORKDIR/stages/NAME/, resumed from there), its finish.
 
@@ -218,12 +218,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, student_
         (`kdjax.methods.loss_methods()`), in the order their terms are added.
       extra_terms: user loss terms `(name, weight, fn)` added to every stage's loss.
       measure_throughput: also time student and teacher inference on the dev split.
+      overwrite: move a run of another config found in `workdir` aside (`workdir.claim`)
+        instead of refusing.
 
     Returns:
       What `finish` returns (eval.json's contents), or `{"finished": False, ...}` when a stage
       stopped early (`train.stop_after_steps`; rerun to resume).
+
+    Raises:
+      workdir.WorkdirError: another process holds `workdir`, or it holds another run.
     """
     workdir, mesh = train.start_run(config, workdir)
+    with workdir_lib.claim(workdir, config, "distill", overwrite=overwrite):
+        return _run(config, workdir, mesh, student_run, methods=methods, progress=progress,
+                    extra_terms=extra_terms, measure_throughput=measure_throughput)
+
+
+def _run(config, workdir: pathlib.Path, mesh: Mesh, student_run: type, *, methods,
+         progress: bool, extra_terms: tuple, measure_throughput: bool) -> dict:
     context = RunContext(config=config, workdir=workdir, mesh=mesh, methods=tuple(methods),
                          progress=progress, measure_throughput=measure_throughput,
                          extra_terms=tuple(extra_terms),
@@ -509,6 +521,7 @@ def evaluate_student(config, student: nnx.Module, teachers, inputs: train.TaskIn
 
 def write_result(workdir: pathlib.Path, log, result: dict) -> None:
     """The final dev line of metrics.jsonl and eval.json."""
+    log.discard_after("dev", -1)  # A rerun of a finished run records its evaluation once.
     log.write(sum(r["steps"] for r in result["stages"].values()), "dev", result)
     distributed.write_text(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
 

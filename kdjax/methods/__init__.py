@@ -114,7 +114,7 @@ def distill(config: ml_collections.ConfigDict, workdir, *, progress: bool = True
             measure_throughput: bool = True, **kwargs) -> dict:
     """The run `config.method` names (the staged BERT run by default), with every loss method.
 
-    Keyword arguments beyond these (`extra_terms`) go to the staged BERT run."""
+    Keyword arguments beyond these (`extra_terms`, `overwrite`) go to `kdjax.engine.run.run`."""
     name = config.get("method", "bert")
     runs = run_methods()
     if name not in runs:
