@@ -179,7 +179,7 @@ def test_table_values_equal_independently_computed_ones(runs):
         assert shown_std == pytest.approx(std, abs=6e-5), name
     assert column["student"] == f"1 × {evals[0]['student_hidden']}"
     assert _cell(column["train s"])[0] == pytest.approx(
-        np.mean([e["train_seconds"] for e in evals]), abs=0.51)
+        np.mean([e["train_seconds"] for e in evals]), abs=0.051)
     assert _cell(column["student ex/s"])[0] == pytest.approx(
         np.mean([e["student_examples_per_s"] for e in evals]), abs=0.51)
     # The fine-tuning row: its parameters counted from the safetensors header.
