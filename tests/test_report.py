@@ -299,3 +299,11 @@ def test_runs_that_differ_beyond_the_seed_are_separate_rows_named_by_the_differe
     # Seeds alone: no variant column.
     header, rows = report.results_table(report.load_runs(runs["seeds"]))
     assert "variant" not in header and len(rows) == 1
+
+
+def test_runs_of_the_same_name_in_two_folders_are_told_apart(runs, tmp_path):
+    for folder in ("half_depth", "tenth_size"):
+        shutil.copytree(runs["seeds"][0], tmp_path / folder / "kd-seed0",
+                        ignore=shutil.ignore_patterns("stages", "cache", "teacher-seed0"))
+    loaded = report.load_runs([tmp_path])  # A results folder: its runs are found under it.
+    assert [r.label for r in loaded] == ["half_depth/kd-seed0", "tenth_size/kd-seed0"]
