@@ -650,9 +650,9 @@ def build_report(runs: list[Run], out: pathlib.Path) -> list[tuple]:
         ("table", header, rows),
         ("p", "Runs whose configs differ only in the seed are one row (runs: how many; "
               "mean ± sample standard deviation); variant names the config keys that set apart "
-              "rows of the same recipe and setting. Agreement, KL(teacher‖student) in nats and the "
-              f"expected calibration errors ({CALIBRATION_BINS} equal-width top-label bins) are "
-              "computed from each run's saved dev logits; train s is the distillation's (or "
+              "rows of the same recipe and setting. Agreement, KL(teacher‖student) in nats and "
+              f"the expected calibration errors ({CALIBRATION_BINS} equal-width top-label "
+              "bins) are computed from each run's saved dev logits; train s is the distillation's (or "
               "fine-tune's) training time, teachers not included; ex/s is measured inference "
               "throughput on dev. '-': not recorded by the run."),
     ]
