@@ -59,6 +59,8 @@ class Run:
     log: list[dict]
     logits: dict[str, np.ndarray] | None
     label_names: list[str]
+    # run_values' result, computed once (it reads the safetensors header and all dev logits).
+    _values: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def is_distillation(self) -> bool:
@@ -177,10 +179,10 @@ def find_run_directories(paths: list[str | pathlib.Path]) -> list[pathlib.Path]:
 def load_runs(paths: list[str | pathlib.Path]) -> list[Run]:
     """The runs under `paths`, each labelled uniquely; refuses runs of different tasks."""
     directories = find_run_directories(paths)
-    labels = [d.name for d in directories]
-    for i, d in enumerate(directories):
-        if labels.count(d.name) > 1:  # Same name in two folders: add the parent's.
-            labels[i] = f"{d.parent.name}/{d.name}"
+    names = [d.name for d in directories]
+    # A name found in two folders gets its parent's too (two settings' kd-seed0).
+    labels = [f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else d.name
+              for d in directories]
     runs = [load_run(d, label) for d, label in zip(directories, labels)]
     tasks: dict[tuple, list[str]] = {}
     for run in runs:
@@ -230,7 +232,9 @@ def task_metric_columns(run: Run) -> list[str]:
 
 
 def run_values(run: Run) -> dict[str, float | None]:
-    """Every numeric column of one run's row."""
+    """Every numeric column of one run's row (computed once per run)."""
+    if run._values is not None:
+        return run._values
     result = run.result
     layers, hidden, params = run.student_size()
     values: dict[str, float | None] = {k: result.get(k) for k in
@@ -242,6 +246,7 @@ def run_values(run: Run) -> dict[str, float | None]:
         examples_per_s=result.get("student_examples_per_s"),
         teacher_examples_per_s=result.get("teacher_examples_per_s"))
     values["layers"], values["hidden"] = layers, hidden
+    run._values = values
     return values
 
 
@@ -330,13 +335,15 @@ def _format(value: tuple[float, float | None] | None, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _format_count(value: tuple[float, float | None] | None, unit: str = "") -> str:
+def _format_count(value: tuple[float, float | None] | None) -> str:
+    """Thousands separated, one decimal below 100 (a tiny run's seconds)."""
     if value is None:
         return "-"
     mean, std = value
+    digits = 1 if abs(mean) < 100 else 0
     if std is None:
-        return f"{mean:,.0f}{unit}"
-    return f"{mean:,.0f} ± {std:,.0f}{unit}"
+        return f"{mean:,.{digits}f}"
+    return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
 
 
 def results_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -643,9 +650,9 @@ def build_report(runs: list[Run], out: pathlib.Path) -> list[tuple]:
         ("table", header, rows),
         ("p", "Runs whose configs differ only in the seed are one row (runs: how many; "
               "mean ± sample standard deviation); variant names the config keys that set apart "
-              "rows of the same recipe and setting. Agreement, KL(teacher‖student) in nats and the "
-              f"expected calibration errors ({CALIBRATION_BINS} equal-width top-label bins) are "
-              "computed from each run's saved dev logits; train s is the distillation's (or "
+              "rows of the same recipe and setting. Agreement, KL(teacher‖student) in nats and "
+              f"the expected calibration errors ({CALIBRATION_BINS} equal-width top-label "
+              "bins) are computed from each run's saved dev logits; train s is the distillation's (or "
               "fine-tune's) training time, teachers not included; ex/s is measured inference "
               "throughput on dev. '-': not recorded by the run."),
     ]

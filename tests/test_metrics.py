@@ -123,7 +123,8 @@ def test_kl_and_agreement_match_a_loop_reference():
 
 def _reference_cka(x, y):
     """CKA through Gram matrices and the HSIC estimator (a different route from the feature
-    form kdjax computes): HSIC(K, L) = tr(K H L H), CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))."""
+    form kdjax computes): HSIC(K, L) = tr(K H L H),
+    CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))."""
     n = len(x)
     h = np.eye(n) - np.ones((n, n)) / n
     k, l = x @ x.T, y @ y.T

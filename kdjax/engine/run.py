@@ -402,8 +402,9 @@ def compare_on_dev(student: nnx.Module, teachers, inputs: train.TaskInputs, mesh
     `dev_metric` and `teacher_dev_metric`.
 
     Args:
-      logits_path: also save the dev logits of student and teacher there (`metrics.write_dev_logits`;
-        an ensemble's teacher logits are the log of its averaged probabilities).
+      logits_path: also save the dev logits of student and teacher there
+        (`metrics.write_dev_logits`; an ensemble's teacher logits are the log of its averaged
+        probabilities).
     """
     labels, num_labels = inputs.dev.labels, inputs.task.num_labels
     predict_fn = train.make_predict_step(mesh)
