@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from kdjax import checkpoint, data, distributed, hf, optim, sharding
 from kdjax import config as config_lib, metrics as metrics_lib, workdir as workdir_lib
+from kdjax.models import bilstm
 from kdjax.models.bert import BertClassifier
 
 
@@ -427,8 +428,10 @@ def prepare_task(config: ml_collections.ConfigDict, *, dev_only: bool = False) -
     cfg = config.data
     ckpt_dir = hf.resolve_checkpoint(config.model.name)
     # A checkpoint this BERT cannot load is refused before its tokenizer (whose own error for a
-    # foreign architecture is a page of text) and before minutes of reading and tokenising.
-    hf.read_config(ckpt_dir)
+    # foreign architecture is a page of text) and before minutes of reading and tokenising. A
+    # saved BiLSTM student has a format of its own and needs only its tokenizer here.
+    if not (ckpt_dir / bilstm.CONFIG_FILE).is_file():
+        hf.read_config(ckpt_dir)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt_dir))
     except (OSError, ValueError) as e:

@@ -215,10 +215,11 @@ def test_layer_map_that_does_not_fit(case, capsys):
 
 
 def test_teacher_cache_over_the_size_limit(case, capsys):
-    # The size is known only once the stage's examples are, after the run's records are
-    # written (a gap of the workdir's checks, not of this one): those two files may appear.
+    # The size is known only once the stage's examples are, after the run has claimed its
+    # workdir and written its records (a gap of the workdir's checks, not of this one): those
+    # two files and the workdir's lock file (empty, left in place by every run) may appear.
     message = refused(distill_args(case, "--config.teacher.cache_max_gb=1e-9"), case, capsys,
-                      may_add=("run/config.json", "run/labels.json"))
+                      may_add=("run/config.json", "run/labels.json", "run/.kdjax.lock"))
     assert message.startswith("the teacher-output cache for stage distill would take "), message
     assert "more than config key 'teacher.cache_max_gb' = 1e-09" in message
 
