@@ -147,11 +147,17 @@ class NotRun(Exception):
     """--only-finished and this run has not finished."""
 
 
-def _selection_score(result: dict) -> float:
+def _holdout_metric(result: dict) -> float | None:
+    """A run's headline metric on the held-out slice at its selected step (None without one)."""
     holdout = [s["holdout"] for s in result.get("stages", {}).values() if s.get("holdout")]
     if holdout:
         return holdout[-1].get("mcc" if result.get("metric") == "mcc" else "accuracy")
-    return dev_metric(result)
+    return None
+
+
+def _selection_score(result: dict) -> float:
+    held_out = _holdout_metric(result)
+    return dev_metric(result) if held_out is None else held_out
 
 
 def run_one(setting: str, recipe: str, seed: int, teacher: list[str], workdir: pathlib.Path,
@@ -220,6 +226,9 @@ def _row(setting, recipe, results: list[dict], speed: dict, budget: str) -> dict
         # Passes of the last stage over its data (the stage that trains the exported student).
         "epochs": last_stage.get("epochs"),
         "budget": budget,
+        # What chooses among rows without looking at dev (the equal-budget control).
+        "holdout_metric": (statistics.mean(held) if (held := [
+            m for m in map(_holdout_metric, results) if m is not None]) else None),
     }
 
 
@@ -255,17 +264,22 @@ def markdown(rows: list[dict], notes: list[str], command: str, task: str = "sst2
 
 
 def control_for(rows: list[dict], row: dict | None) -> dict | None:
-    """The no-teacher control a recipe's row is held against: of the setting's controls, the
-    one trained at least as many steps as the recipe's stages together (the shortest such),
-    else the longest; equal budget, so a gain is not just longer training."""
+    """The no-teacher control a recipe's row is held against, at equal budget: the setting's
+    controls (`baseline`, `baseline@x3`, ...) that trained no more steps than the recipe's
+    stages together, and the shortest one that trained at least as many, are all budgets the
+    control may use; of those, the one that scores best on the held-out slice (never dev; the
+    longest when the rows have no held-out score) is the control trained to its own best."""
     if not row:
         return None
     controls = sorted((r for r in rows if r["setting"] == row["setting"]
                        and is_control(r["setting"], r["recipe"])), key=lambda r: r["train_steps"])
-    enough = [r for r in controls if r["train_steps"] >= row["train_steps"]]
-    if enough:
-        return enough[0]
-    return controls[-1] if controls else None
+    if not controls:
+        return None
+    longer = [r for r in controls if r["train_steps"] >= row["train_steps"]]
+    allowed = [r for r in controls if r["train_steps"] < row["train_steps"]] + longer[:1]
+    if any(r.get("holdout_metric") is None for r in allowed):
+        return allowed[-1]
+    return max(allowed, key=lambda r: r["holdout_metric"])
 
 
 def targets(rows: list[dict], task: str = "sst2") -> list[str]:
