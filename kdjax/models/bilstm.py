@@ -21,8 +21,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 
 import flax.struct
 import jax
@@ -213,23 +211,19 @@ def save_bilstm(model: BiLSTMClassifier, directory: str | os.PathLike, *, tokeni
     """
     from safetensors.numpy import save_file
 
+    from kdjax.hf import staged_directory
+
     directory = pathlib.Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     tensors = {".".join(str(k) for k in path): np.ascontiguousarray(
         np.asarray(jax.device_get(variable[...]), np.float32)) for path, variable in flat}
-    save_file(tensors, str(tmp / PARAMS_FILE))
-    (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if extra is not None:
-        (tmp / "kdjax.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
-    from kdjax.hf import give_default_modes  # Not mkdtemp's 0700 nor safetensors' 0600.
-    give_default_modes(tmp, tmp / CONFIG_FILE)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with staged_directory(directory, CONFIG_FILE) as staging:
+        save_file(tensors, str(staging / PARAMS_FILE))
+        (staging / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if extra is not None:
+            (staging / "kdjax.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
     return directory
 
 
