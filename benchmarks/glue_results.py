@@ -341,6 +341,9 @@ def targets(rows: list[dict], task: str = "sst2") -> list[str]:
         if (setting, "kdabert") in by and (setting, "kd") in by:
             compare(f"{setting} kdabert vs kd", by[(setting, "kdabert")],
                     acc(by[(setting, "kd")]), 0.0, "kd")
+    if ("tenth_size", "tinybert") in by and ("tenth_size", "kd") in by:
+        compare("tenth_size tinybert vs kd", by[("tenth_size", "tinybert")],
+                acc(by[("tenth_size", "kd")]), 0.0, "kd")
     if ("half_depth", "newsbert") in by and ("half_depth", "pkd_skip") in by:
         compare("half_depth newsbert student vs pkd_skip", by[("half_depth", "newsbert")],
                 acc(by[("half_depth", "pkd_skip")]), 0.0, "pkd_skip")
