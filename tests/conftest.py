@@ -85,6 +85,22 @@ def write_toy_task(directory: pathlib.Path, n_train: int = 96, n_dev: int = 40,
     return train, dev
 
 
+def write_toy_teacher(tiny_hf_dir: pathlib.Path, directory: pathlib.Path,
+                      train_file: pathlib.Path, dev_file: pathlib.Path) -> pathlib.Path:
+    """The tiny model saved as a teacher already labelled for the toy task (random weights:
+    tests that use it check plumbing, and skipping its fine-tuning keeps them fast)."""
+    import transformers
+
+    from kdjax import data, hf
+
+    labels = data.load_task("toy", train_file=str(train_file), dev_file=str(dev_file),
+                            text_columns=("sentence",), label_column="label").label_names
+    teacher, _, _ = hf.load_pretrained(str(tiny_hf_dir), num_labels=len(labels))
+    return hf.save_pretrained(
+        teacher, directory, label_names=labels,
+        tokenizer=transformers.AutoTokenizer.from_pretrained(str(tiny_hf_dir)))
+
+
 @pytest.fixture
 def toy_config(tmp_path, tiny_hf_dir):
     """configs/finetune.py pointed at the tiny transformers model and the toy task."""

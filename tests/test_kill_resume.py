@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO_ROOT, write_toy_task
+from conftest import REPO_ROOT, write_toy_task, write_toy_teacher
 
 # The children import this checkout's kdjax and share the suite's compilation cache (a cached
 # program is the same program: it only saves the children compiling it again).
@@ -40,17 +40,9 @@ def toy(tmp_path_factory, tiny_hf_dir):
     """The toy task's files and a teacher already fine-tuned for it (random weights with its
     labels: what is tested is the run's bookkeeping, and skipping the teacher's fine-tuning
     keeps the children short)."""
-    import transformers
-
-    from kdjax import data, hf
-
     root = tmp_path_factory.mktemp("kill")
     train_file, dev_file = write_toy_task(root / "data")
-    labels = data.load_task("toy", train_file=str(train_file), dev_file=str(dev_file),
-                            text_columns=("sentence",), label_column="label").label_names
-    teacher, _, _ = hf.load_pretrained(str(tiny_hf_dir), num_labels=len(labels))
-    hf.save_pretrained(teacher, root / "teacher", label_names=labels,
-                       tokenizer=transformers.AutoTokenizer.from_pretrained(str(tiny_hf_dir)))
+    write_toy_teacher(tiny_hf_dir, root / "teacher", train_file, dev_file)
     files = [f"--config.data.train_file={train_file}", f"--config.data.dev_file={dev_file}"]
     return {"root": root, "files": files, "teacher": root / "teacher", "model": tiny_hf_dir}
 

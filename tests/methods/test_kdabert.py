@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT, write_toy_task
-from kdjax import config as config_lib, data, distill, hf, losses, metrics, optim
+from conftest import REPO_ROOT, write_toy_task, write_toy_teacher
+from kdjax import config as config_lib, data, distill, losses, metrics, optim
 from kdjax import methods
 from kdjax.methods import kdabert as adversarial
 from kdjax import recipes, sharding, train
@@ -446,16 +446,8 @@ def test_configs_run_in_every_setting_and_refuse_bad_values(recipe):
 
 
 def test_kdabert_distills_end_to_end_through_the_engine(tmp_path, tiny_hf_dir):
-    import transformers
-
     train_file, dev_file = write_toy_task(tmp_path / "data")
-    # A teacher already labelled for the toy task (random weights: what is tested is the
-    # plumbing, and skipping its fine-tuning keeps the test fast).
-    labels = data.load_task("toy", train_file=str(train_file), dev_file=str(dev_file),
-                            text_columns=("sentence",), label_column="label").label_names
-    teacher, _, _ = hf.load_pretrained(str(tiny_hf_dir), num_labels=len(labels))
-    hf.save_pretrained(teacher, tmp_path / "teacher", label_names=labels,
-                       tokenizer=transformers.AutoTokenizer.from_pretrained(str(tiny_hf_dir)))
+    write_toy_teacher(tiny_hf_dir, tmp_path / "teacher", train_file, dev_file)
     config = config_lib.load_config(str(REPO_ROOT / "configs" / "kdabert.py"))
     config = methods.validate(config_lib.apply_overrides(config, [
         f"teacher.name={tmp_path / 'teacher'}", "data.task=toy",
